@@ -1,0 +1,543 @@
+"""Reading images, masks and MVTec-layout datasets.
+
+numpy + OpenCV only: the torch-free line-side runtime imports this module for its preprocessing,
+so training and inference read and resize images through exactly the same code.
+
+Conventions (see the shared contracts):
+- images are RGB uint8 H x W x 3; grayscale is replicated to 3 channels, alpha is dropped,
+  16-bit is scaled to 8-bit over the full 0..65535 range;
+- resizing uses INTER_AREA when shrinking and INTER_LINEAR when enlarging ("area_or_linear");
+- masks are read grayscale, resized nearest-neighbour and binarised ``> 127``.
+
+Every problem with input data raises :class:`DataError` naming the file or folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASK_SUFFIX = "_mask.png"
+GOOD = "good"
+
+# The default data root is the project's sibling folder ../shared/data (see /work/shared/data's
+# README); this file is <repo>/edgestad/data.py.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file or folder and what is wrong."""
+
+
+# --------------------------------------------------------------------------- data root
+
+
+def data_root() -> Path:
+    """The folder holding the shared real datasets: ``$EDGESTAD_DATA`` or ``<repo>/../shared/data``."""
+    env = os.environ.get("EDGESTAD_DATA", "").strip()
+    if env:
+        return Path(env).expanduser().resolve()
+    return (_REPO_ROOT.parent / "shared" / "data").resolve()
+
+
+def require_dataset(relpath: str | os.PathLike) -> Path:
+    """``data_root() / relpath`` if it is a folder, else a DataError (tests skip on it)."""
+    path = data_root() / relpath
+    if not path.is_dir():
+        raise DataError(
+            f"dataset {str(relpath)!r} not found: {path} is not a folder "
+            f"(set EDGESTAD_DATA to the folder that holds the shared data)"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------- single images
+
+
+def _check_complete(data: bytes, source: str) -> None:
+    """Raise if a PNG/JPEG/BMP byte string is cut short.
+
+    OpenCV decodes truncated PNG and JPEG files with only a warning on stderr and returns an image
+    whose missing part is grey or black; such an image silently poisons training statistics, so the
+    container structure is checked here first.
+    """
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        if not _png_complete(data):
+            raise DataError(f"{source}: truncated PNG (no complete IEND chunk)")
+    elif data.startswith(b"\xff\xd8"):
+        if not _jpeg_complete(data):
+            raise DataError(f"{source}: truncated JPEG (no end-of-image marker FFD9)")
+    elif data.startswith(b"BM") and len(data) >= 6:
+        declared = int.from_bytes(data[2:6], "little")
+        # Some writers store 0 here; only a positive size that exceeds the file is evidence.
+        if declared > len(data):
+            raise DataError(f"{source}: truncated BMP ({len(data)} of {declared} bytes)")
+
+
+def _png_complete(data: bytes) -> bool:
+    """Walk the chunk list (length, type, data, crc) up to IEND."""
+    pos = 8
+    n = len(data)
+    while pos + 8 <= n:
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        ctype = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if end > n:
+            return False
+        if ctype == b"IEND":
+            return True
+        pos = end
+    return False
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """Walk the marker segments and entropy-coded scans up to EOI (FFD9).
+
+    Walking, rather than testing the last two bytes, accepts files with data appended after EOI
+    (camera trailers, "motion photos") and does not mistake an embedded EXIF thumbnail's EOI for
+    the end of the main image.
+    """
+    n = len(data)
+    pos = 2
+    while pos < n:
+        if data[pos] != 0xFF:
+            return False
+        while pos < n and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            return False
+        marker = data[pos]
+        pos += 1
+        if marker == 0xD9:
+            return True
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn / TEM: no length field
+            continue
+        if pos + 2 > n:
+            return False
+        seg_end = pos + int.from_bytes(data[pos : pos + 2], "big")
+        if seg_end > n:
+            return False
+        pos = seg_end
+        if marker == 0xDA:  # start of scan: skip entropy-coded data to the next real marker
+            while True:
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= n:
+                    return False
+                nxt = data[pos + 1]
+                if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:  # stuffed FF byte or restart marker
+                    pos += 2
+                    continue
+                break  # a real marker (the outer loop skips any fill bytes before it)
+    return False
+
+
+def to_rgb_uint8(decoded: np.ndarray, source: str = "<image>") -> np.ndarray:
+    """An OpenCV-decoded array (gray / BGR / BGRA, 8 or 16 bit) as RGB uint8 H x W x 3."""
+    img = decoded
+    if img.dtype == np.uint16:
+        # Full-range scaling (not per-image min/max): the same grey level must map to the same
+        # 8-bit value in every image, or the anomaly statistics would drift with image content.
+        img = ((img.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DataError(f"{source}: unsupported pixel type {img.dtype} (use 8- or 16-bit images)")
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.ndim != 3:
+        raise DataError(f"{source}: unsupported image shape {decoded.shape}")
+    channels = img.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if channels == 2:  # gray + alpha
+        return cv2.cvtColor(np.ascontiguousarray(img[:, :, 0]), cv2.COLOR_GRAY2RGB)
+    if channels == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    raise DataError(f"{source}: unsupported number of channels {channels}")
+
+
+def resize_interpolation(src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> int:
+    """INTER_AREA when no side grows (shrinking or same size), else INTER_LINEAR."""
+    if dst_hw[0] <= src_hw[0] and dst_hw[1] <= src_hw[1]:
+        return cv2.INTER_AREA
+    return cv2.INTER_LINEAR
+
+
+def _check_size(size: Sequence[int] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise DataError(f"size must be (height, width), got {size!r}") from None
+    if h <= 0 or w <= 0:
+        raise DataError(f"size must be positive (height, width), got {size!r}")
+    return h, w
+
+
+def resize_image(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize an H x W x C image to ``size=(height, width)`` with the area_or_linear rule."""
+    hw = _check_size(size)
+    assert hw is not None
+    if img.shape[:2] == hw:
+        return img
+    interp = resize_interpolation(img.shape[:2], hw)
+    return cv2.resize(img, (hw[1], hw[0]), interpolation=interp)
+
+
+def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize a bool H x W mask with nearest neighbour (no new label values)."""
+    hw = _check_size(size)
+    assert hw is not None
+    if mask.shape[:2] == hw:
+        return mask
+    out = cv2.resize(mask.astype(np.uint8), (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
+    return out.astype(bool)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not an image file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    if not data:
+        raise DataError(f"{path}: file is empty")
+    return data
+
+
+def decode_image(data: bytes, source: str = "<bytes>", size: Sequence[int] | None = None) -> np.ndarray:
+    """Decode encoded image bytes (PNG/JPEG/BMP/TIFF) to RGB uint8 H x W x 3."""
+    hw = _check_size(size)
+    _check_complete(data, source)
+    decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if decoded is None or decoded.size == 0:
+        raise DataError(f"{source}: not a readable image (OpenCV could not decode it)")
+    img = to_rgb_uint8(decoded, source)
+    return resize_image(img, hw) if hw else img
+
+
+def read_image(path: str | os.PathLike, size: Sequence[int] | None = None) -> np.ndarray:
+    """Read an image file as RGB uint8 H x W x 3, optionally resized to ``size=(height, width)``.
+
+    The file is read once and decoded with ``cv2.imdecode(..., IMREAD_UNCHANGED)`` (the decoder
+    ``cv2.imread`` uses) so the same bytes can be checked for truncation and non-ASCII paths work.
+    """
+    path = Path(path)
+    return decode_image(_read_bytes(path), str(path), size)
+
+
+def read_mask(path: str | os.PathLike, size: Sequence[int] | None = None) -> np.ndarray:
+    """Read a ground-truth mask as bool H x W (``> 127``), resized nearest to ``size``."""
+    path = Path(path)
+    data = _read_bytes(path)
+    hw = _check_size(size)
+    _check_complete(data, str(path))
+    gray = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    if gray is None or gray.size == 0:
+        raise DataError(f"{path}: not a readable mask image (OpenCV could not decode it)")
+    mask = gray > 127
+    return resize_mask(mask, hw) if hw else mask
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name.
+
+    Extensions png/jpg/jpeg/bmp/tif/tiff in any case; hidden files (e.g. macOS ``._x.png``
+    resource forks) are skipped. A missing folder or one without images is a DataError.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise DataError(f"image folder {folder} {what}")
+    images = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
+    if not images:
+        raise DataError(
+            f"image folder {folder} contains no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)})"
+        )
+    return images
+
+
+@dataclass(frozen=True)
+class TestItem:
+    """One test image of an MVTec-layout category; ``mask_path`` is None for ``good`` images."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    path: Path
+    defect_type: str
+    mask_path: Path | None
+    is_anomalous: bool
+
+
+class MVTecCategory:
+    """One category in the MVTec AD layout::
+
+        <root>/train/good/*.png
+        <root>/test/good/*.png
+        <root>/test/<defect>/<stem>.png
+        <root>/ground_truth/<defect>/<stem>_mask.png
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"dataset category {self.root} does not exist or is not a folder")
+        if not (self.root / "train" / GOOD).is_dir() and not (self.root / "test").is_dir():
+            raise DataError(
+                f"{self.root} is not an MVTec-layout category (neither train/good nor test/ exists)"
+            )
+
+    @staticmethod
+    def is_category(path: str | os.PathLike) -> bool:
+        """True when ``path`` has a ``train/good`` folder."""
+        return (Path(path) / "train" / GOOD).is_dir()
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def __repr__(self) -> str:
+        return f"MVTecCategory({str(self.root)!r})"
+
+    def train_good(self) -> list[Path]:
+        return list_images(self.root / "train" / GOOD)
+
+    def _test_dirs(self) -> list[Path]:
+        test = self.root / "test"
+        if not test.is_dir():
+            raise DataError(f"{self.root} has no test/ folder")
+        dirs = sorted(p for p in test.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not dirs:
+            raise DataError(f"test folder {test} has no sub-folders (expected good/ and defect types)")
+        return dirs
+
+    def defect_types(self) -> list[str]:
+        """Names of the defect folders under test/ (everything except ``good``), sorted."""
+        return [d.name for d in self._test_dirs() if d.name != GOOD]
+
+    def mask_path_for(self, image: Path, defect_type: str) -> Path:
+        return self.root / "ground_truth" / defect_type / (image.stem + MASK_SUFFIX)
+
+    def test_items(self) -> list[TestItem]:
+        """All test images, sorted by defect type then name; defect images must have masks."""
+        items: list[TestItem] = []
+        for d in self._test_dirs():
+            for img in list_images(d):
+                if d.name == GOOD:
+                    items.append(TestItem(img, GOOD, None, False))
+                    continue
+                mask = self.mask_path_for(img, d.name)
+                if not mask.is_file():
+                    raise DataError(f"defect image {img} has no ground-truth mask; expected {mask}")
+                items.append(TestItem(img, d.name, mask, True))
+        return items
+
+
+def good_images(path: str | os.PathLike) -> list[Path]:
+    """Defect-free training images: ``path/train/good`` for an MVTec category, else ``path``."""
+    path = Path(path)
+    if MVTecCategory.is_category(path):
+        return MVTecCategory(path).train_good()
+    return list_images(path)
+
+
+# --------------------------------------------------------------------------- splits, loading
+
+
+def _relative_names(paths: Sequence[Path]) -> list[str]:
+    """Names relative to the paths' common folder, so a dataset can move without changing them."""
+    if not paths:
+        return []
+    absolute = [os.path.abspath(p) for p in paths]
+    base = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    return [Path(os.path.relpath(p, base)).as_posix() for p in absolute]
+
+
+def split_train_val(
+    paths: Iterable[str | os.PathLike],
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    min_val: int = 1,
+) -> tuple[list[Path], list[Path]]:
+    """Split defect-free images into (train, val), both sorted by name.
+
+    The validation images are never trained on; they give the per-scale score statistics
+    (mean/std of the regression error and the predictive variance) used to normalise anomaly maps,
+    and the defect-free score distribution the thresholds are set from.
+
+    Deterministic and independent of the input order and of where the dataset lives: each image is
+    ranked by ``sha256(f"{seed}:{relative name}")`` (a seeded permutation of the sorted set that
+    does not depend on numpy's random stream) and the first ``n_val`` ranks go to val.
+    ``n_val = max(min_val, round(val_fraction * n))``; at least one image stays in train.
+    Duplicate paths are counted once, so an image cannot land in both halves.
+    """
+    unique = sorted({Path(p) for p in paths})
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if min_val < 0:
+        raise DataError(f"min_val must be >= 0, got {min_val}")
+    n = len(unique)
+    n_val = max(int(min_val), int(round(val_fraction * n)))
+    if n_val >= n:
+        raise DataError(
+            f"cannot split {n} image(s) into train and {n_val} validation image(s); "
+            f"need at least {n_val + 1} defect-free images"
+        )
+    names = _relative_names(unique)
+    ranks = sorted(
+        range(n), key=lambda i: hashlib.sha256(f"{seed}:{names[i]}".encode()).hexdigest()
+    )
+    val_idx = set(ranks[:n_val])
+    train = [p for i, p in enumerate(unique) if i not in val_idx]
+    val = [p for i, p in enumerate(unique) if i in val_idx]
+    return train, val
+
+
+def _progress(iterable, total: int, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm  # optional (train extra); the runtime never asks for progress
+    except ImportError:
+        return _plain_progress(iterable, total, desc)
+    return tqdm(iterable, total=total, desc=desc, unit="img")
+
+
+def _plain_progress(iterable, total: int, desc: str):
+    step = max(1, total // 10)
+    for i, item in enumerate(iterable, 1):
+        if i % step == 0 or i == total:
+            print(f"{desc}: {i}/{total}", file=sys.stderr, flush=True)
+        yield item
+
+
+def _default_workers() -> int:
+    # OpenCV releases the GIL while decoding and resizing, so threads give a real speed-up.
+    return min(8, os.cpu_count() or 1)
+
+
+def load_images(
+    paths: Sequence[str | os.PathLike],
+    size: Sequence[int],
+    progress: bool = False,
+    workers: int | None = None,
+) -> np.ndarray:
+    """Read and resize images into one uint8 array N x H x W x 3 (RGB), in the order given."""
+    hw = _check_size(size)
+    assert hw is not None
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise DataError("no image paths given to load")
+    out = np.empty((len(paths), hw[0], hw[1], 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
+        results = pool.map(lambda p: read_image(p, hw), paths)
+        for i, img in enumerate(_progress(results, len(paths), progress, "loading images")):
+            out[i] = img
+    return out
+
+
+def _load_test_item(item: TestItem, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    image = read_image(item.path)
+    if item.mask_path is None:
+        mask = np.zeros(hw, dtype=bool)
+    else:
+        mask = read_mask(item.mask_path)
+        if mask.shape != image.shape[:2]:
+            raise DataError(
+                f"mask {item.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{item.path} is {image.shape[1]}x{image.shape[0]} (width x height)"
+            )
+        mask = resize_mask(mask, hw)
+    return resize_image(image, hw), mask
+
+
+def load_test_set(
+    category: MVTecCategory | str | os.PathLike,
+    size: Sequence[int],
+    progress: bool = False,
+    workers: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[Path]]:
+    """All test images of a category at ``size``.
+
+    Returns ``(images N x H x W x 3 uint8, masks N x H x W bool, labels N int64 (1 = anomalous),
+    defect_types, paths)`` in :meth:`MVTecCategory.test_items` order. Good images get all-zero
+    masks; an all-zero mask on a defect image is valid (it is anomalous at image level and adds no
+    positive pixels). A mask whose size differs from its image's is a DataError.
+    """
+    cat = category if isinstance(category, MVTecCategory) else MVTecCategory(category)
+    hw = _check_size(size)
+    assert hw is not None
+    items = cat.test_items()
+    images = np.empty((len(items), hw[0], hw[1], 3), dtype=np.uint8)
+    masks = np.empty((len(items), hw[0], hw[1]), dtype=bool)
+    with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
+        results = pool.map(lambda it: _load_test_item(it, hw), items)
+        for i, (img, mask) in enumerate(_progress(results, len(items), progress, "loading test set")):
+            images[i] = img
+            masks[i] = mask
+    labels = np.array([int(it.is_anomalous) for it in items], dtype=np.int64)
+    return images, masks, labels, [it.defect_type for it in items], [it.path for it in items]
+
+
+# --------------------------------------------------------------------------- provenance
+
+_FINGERPRINT_CHUNK = 64 * 1024
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(_FINGERPRINT_CHUNK)
+            if size > 2 * _FINGERPRINT_CHUNK:
+                f.seek(size - _FINGERPRINT_CHUNK)
+                tail = f.read(_FINGERPRINT_CHUNK)
+            else:
+                tail = f.read()  # the rest (the head already covers small files)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file does not exist (cannot fingerprint it)") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    return hashlib.sha256(head + tail).hexdigest()
+
+
+def fingerprint(paths: Iterable[str | os.PathLike]) -> str:
+    """A sha256 hex digest identifying a set of data files, for bundle provenance.
+
+    Covers, for every file sorted by its name relative to the files' common folder: that name,
+    the file size, and a sha256 of its first and last 64 KiB. Hashing whole files would take
+    minutes on large sets; head + tail + size catches re-encoded, replaced, added, removed and
+    renamed files, but not an edit confined to the middle of a large file. Modification times
+    are left out on purpose: copying a dataset must not change its fingerprint, and neither does
+    moving it or the order the paths are given in.
+    """
+    unique = sorted({Path(p) for p in paths})
+    names = _relative_names(unique)
+    order = sorted(range(len(unique)), key=lambda i: names[i])
+    h = hashlib.sha256()
+    h.update(f"edgestad-fingerprint-v1 {len(unique)}\n".encode())
+    for i in order:
+        p = unique[i]
+        digest = _file_digest(p)
+        h.update(f"{names[i]}\t{p.stat().st_size}\t{digest}\n".encode())
+    return h.hexdigest()

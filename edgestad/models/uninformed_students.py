@@ -1,0 +1,128 @@
+"""Uninformed Students (Bergmann et al., CVPR 2020) as one module: image batch → (map, score).
+
+Everything the deployed graph needs is inside ``forward``: input normalisation, the teacher and all
+students of every scale in their fast dense form, descriptor normalisation, regression error e and
+predictive variance v (eq. 8-10), their normalisation by validation statistics, the multi-scale
+average (eq. 12) and the upsampling to input resolution. Export is then method-agnostic.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .patchnet import PatchNet, samples_covering
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class StudentTeacherConfig:
+    """Hyper-parameters, named as in the paper (p, M, d) plus the cost levers."""
+    patch_sizes: tuple[int, ...] = (17, 33, 65)   # receptive fields p of the scales
+    num_students: int = 3                          # M
+    descriptor_dim: int = 128                      # d
+    width: int = 128                               # channels of the conv layers (paper: 128)
+    leaky_slope: float = 5e-3
+    dense_stride: int = 1                          # 1 = exact dense map; 2, 4, ... = sampled
+    padding_mode: str = "reflect"                  # image border handling of the dense map
+    input_size: tuple[int, int] = (256, 256)       # (height, width)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "StudentTeacherConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown method_config keys: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+class UninformedStudents(nn.Module):
+    """Teacher + M students per scale. Input: N×3×H×W RGB, values 0..255 (uint8 or float)."""
+
+    def __init__(self, config: StudentTeacherConfig):
+        super().__init__()
+        self.config = config
+        c = config
+
+        def net(p: int) -> PatchNet:
+            return PatchNet(p, c.descriptor_dim, c.width, c.leaky_slope)
+
+        self.teachers = nn.ModuleDict({str(p): net(p) for p in c.patch_sizes})
+        self.students = nn.ModuleDict(
+            {str(p): nn.ModuleList(net(p) for _ in range(c.num_students)) for p in c.patch_sizes})
+        self.register_buffer("input_mean", torch.tensor(c.mean).view(1, -1, 1, 1))
+        self.register_buffer("input_std", torch.tensor(c.std).view(1, -1, 1, 1))
+        for p in c.patch_sizes:
+            # Per-channel statistics of the teacher's descriptors on the training images (§3.2).
+            self.register_buffer(f"descriptor_mean_{p}", torch.zeros(1, c.descriptor_dim, 1, 1))
+            self.register_buffer(f"descriptor_std_{p}", torch.ones(1, c.descriptor_dim, 1, 1))
+            # e_mean, e_std, v_mean, v_std on the validation good images (eq. 11).
+            self.register_buffer(f"score_stats_{p}", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+
+    # --- pieces -------------------------------------------------------------------------------
+    def normalize_input(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - self.input_mean) / self.input_std
+
+    def descriptor_stats(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"descriptor_mean_{p}"), getattr(self, f"descriptor_std_{p}")
+
+    def teacher_descriptors(self, x: torch.Tensor, p: int) -> torch.Tensor:
+        """Normalised dense teacher descriptors (the students' regression target)."""
+        mean, std = self.descriptor_stats(p)
+        t = self.teachers[str(p)].dense(x, self.config.dense_stride, self.config.padding_mode)
+        return (t - mean) / std
+
+    def error_and_variance(self, x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Regression error e (eq. 9) and predictive variance v (eq. 10), N×h×w each."""
+        target = self.teacher_descriptors(x, p)
+        preds = torch.stack([s.dense(x, self.config.dense_stride, self.config.padding_mode)
+                             for s in self.students[str(p)]])          # M×N×d×h×w
+        mean_pred = preds.mean(0)
+        error = ((mean_pred - target) ** 2).sum(1)
+        # Variance as the mean squared deviation from the ensemble mean: the same value as
+        # E[||μ_i||²] − ||μ||² without its cancellation in low precision.
+        variance = ((preds - mean_pred) ** 2).sum(2).mean(0)
+        return error, variance
+
+    def scale_score(self, x: torch.Tensor, p: int) -> torch.Tensor:
+        """Normalised e + normalised v for one scale (eq. 11), on the sampled grid."""
+        e, v = self.error_and_variance(x, p)
+        stats = getattr(self, f"score_stats_{p}")
+        return (e - stats[0]) / stats[1] + (v - stats[2]) / stats[3]
+
+    def upsample(self, score_grid: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Sampled map (N×h×w, samples every s px from pixel 0) → N×1×H×W."""
+        s = self.config.dense_stride
+        grid = score_grid[:, None]
+        if s == 1:
+            return grid
+        size = ((grid.shape[-2] - 1) * s + 1, (grid.shape[-1] - 1) * s + 1)
+        full = F.interpolate(grid, size=size, mode="bilinear", align_corners=True)
+        return full[..., :height, :width]
+
+    # --- the deployed function ---------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images N×3×H×W (0..255) → (anomaly_map N×1×H×W float32, image_score N = map max)."""
+        height, width = images.shape[-2:]
+        x = self.normalize_input(images)
+        total = None
+        for p in self.config.patch_sizes:
+            score = self.scale_score(x, p)
+            total = score if total is None else total + score
+        fused = total / len(self.config.patch_sizes)
+        anomaly_map = self.upsample(fused, height, width)
+        image_score = anomaly_map.amax(dim=(1, 2, 3))
+        return anomaly_map, image_score
+
+    def grid_shape(self, height: int, width: int) -> tuple[int, int]:
+        s = self.config.dense_stride
+        return samples_covering(height, s), samples_covering(width, s)

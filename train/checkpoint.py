@@ -1,0 +1,90 @@
+"""Training checkpoints (resume after an interruption) and teacher weight files.
+
+Resume checkpoints hold optimizer and RNG state, so they use torch.save, loaded back with
+``weights_only=True`` (no arbitrary unpickling). Teachers and bundles use safetensors only.
+Every write goes to a temporary file that is fsync'd and then renamed over the target.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from edgestad.models.patchnet import PatchNet
+
+
+def _atomic(path: Path, write):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    _atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, expect: dict | None = None) -> dict:
+    """Load a resume checkpoint; refuse one written for a different kind or configuration."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"{path}: cannot read the resume checkpoint ({exc}); delete it to start "
+                           f"over") from exc
+    for key, value in (expect or {}).items():
+        if state.get(key) != value:
+            raise RuntimeError(f"{path}: the checkpoint was written with a different {key} "
+                               f"({state.get(key)!r} vs {value!r}); use another output folder "
+                               f"or delete it to start over")
+    return state
+
+
+def save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None,
+                     dtype: torch.dtype | None = None) -> None:
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+               .detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_teacher_file(path: Path) -> tuple[dict, dict]:
+    """(state dict as float32 tensors, metadata) of a teacher .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            state = {k: f.get_tensor(k).float() for k in f.keys()}
+    except Exception as exc:
+        raise ValueError(f"{path}: not a safetensors teacher file ({exc})") from exc
+    if "edgestad" not in raw:
+        raise ValueError(f"{path}: no edgestad teacher metadata in this safetensors file")
+    return state, json.loads(raw["edgestad"])
+
+
+def load_teacher(path: Path) -> tuple[PatchNet, dict]:
+    """A PatchNet from a teacher file written by `edgestad pretrain-teacher`."""
+    state, meta = read_teacher_file(path)
+    c = meta["config"]
+    net = PatchNet(c["patch_size"], c["descriptor_dim"], c["width"], c["leaky_slope"])
+    net.load_state_dict(state)
+    return net.eval(), meta
