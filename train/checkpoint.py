@@ -25,6 +25,7 @@ def _atomic(path: Path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)     # mkstemp creates 0600; a service user must be able to read it
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
