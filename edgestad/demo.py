@@ -42,12 +42,13 @@ def demo_command(out_dir, texture, epochs, patch_sizes, export):
     click.echo(per_type_table(report))
     if export:
         try:
-            from edgestad.export.cli import export_bundle
+            from edgestad.export.exporter import ExportOptions, export_bundle
         except ImportError as exc:
             click.echo(f"export skipped ({exc}); pip install 'edgestad[export]'")
         else:
-            export_bundle(bundle, ["fp32"])
-            click.echo(f"exported {bundle / 'model.onnx'}")
+            result = export_bundle(bundle, ExportOptions(precisions=("fp32", "fp16", "int8")),
+                                   log=click.echo)
+            click.echo(f"exported {', '.join(result.written)} into {bundle}")
     summary = {"seconds": round(time.time() - started, 1), "bundle": str(bundle),
                "report": str(out_dir / "report"), "au_pro": report["au_pro"],
                "pixel_auroc": report["pixel_auroc"], "image_auroc": report["image_auroc"]}

@@ -1,0 +1,476 @@
+"""``export_bundle``: bundle in, ONNX graphs (+ report, + TensorRT engines) added to the bundle.
+
+Steps, each of which must succeed before anything is written:
+
+1. load and verify the bundle (BundleError names the bad file);
+2. per precision, reuse the bundle's existing graph when it was made from the same weights,
+   thresholds, opset and code version (so a Jetson without torch can build engines from a bundle
+   exported on the workstation), otherwise make it: fp32 from the torch model, fp16 and int8 from
+   the fp32 graph (export/precision.py);
+3. check every graph: I/O contract, TensorRT compatibility (export/trt_compat.py);
+4. parity against the torch model and the fp32 graph on good training images, accuracy cost on
+   the test set (export/parity.py); the fp32 graph must match torch to 1e-4;
+5. one ``add_files`` call writes the graphs, ``export_report.json`` and the manifest's
+   ``exports`` section; stale engines of replaced graphs are removed in the same call;
+6. where TensorRT and a GPU exist, build, verify and add one engine per requested precision.
+
+Everything is held in memory until step 5, so a failure leaves the bundle exactly as it was.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+
+from edgestad.bundle import WEIGHTS_NAME, Bundle, add_files, load_bundle
+
+from .graph import (DEFAULT_OPSET, INPUT_NAME, MAP_NAME, METADATA_FORMAT, ONNX_FILES, PRECISIONS,
+                    REPORT_FILE, SCORE_NAME, check_io_contract, default_opset, op_counts,
+                    read_metadata, set_metadata, sha256_bytes)
+
+Log = Callable[[str], None]
+
+
+class ExportError(RuntimeError):
+    """Export cannot proceed; the message says what and how to fix it. The bundle is unchanged."""
+
+
+@dataclass
+class ExportOptions:
+    precisions: Sequence[str] = ("fp32", "fp16", "int8")
+    opset: int = DEFAULT_OPSET
+    batch: int = 1                    # TensorRT profile: the batch the engine is tuned for
+    max_batch: int = 8                # TensorRT profile: the largest batch the engine accepts
+    calibration_images: int = 32
+    calibration_method: str = "minmax"
+    calibration_data: Path | None = None   # default: the bundle's provenance.data
+    parity_images: int = 8
+    accuracy: bool = True             # AU-PRO etc. on the test set (needs an MVTec-layout folder)
+    engine: bool | None = None        # None: build where TensorRT + GPU exist
+    workspace_mb: int = 1024
+    timing_cache: Path | None = None
+    force: bool = False               # re-export even when the bundle's graphs are current
+    threads: int | None = None        # ONNX Runtime intra-op threads for parity runs
+    batch_size: int = 4               # images per ONNX Runtime / torch call in parity runs
+
+
+@dataclass
+class ExportResult:
+    bundle: Path
+    written: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    engines: list[dict] = field(default_factory=list)
+    engine_note: str | None = None
+    report: dict = field(default_factory=dict)
+
+
+def normalize_precisions(values: Iterable[str]) -> tuple[str, ...]:
+    """Expand 'all', drop duplicates, keep the canonical order; ValueError on unknown names."""
+    wanted: set[str] = set()
+    for value in values:
+        for item in str(value).lower().replace(",", " ").split():
+            if item == "all":
+                wanted.update(PRECISIONS)
+            elif item in PRECISIONS:
+                wanted.add(item)
+            else:
+                raise ValueError(f"unknown precision {item!r}; use fp32, fp16, int8 or all")
+    if not wanted:
+        wanted.update(PRECISIONS)
+    return tuple(p for p in PRECISIONS if p in wanted)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict:
+    import edgestad
+    versions = {"edgestad": edgestad.__version__, "onnx": onnx.__version__}
+    for module in ("onnxruntime", "torch"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:
+            versions[module] = None
+    return versions
+
+
+def _thresholds_text(manifest: dict) -> str:
+    return json.dumps(manifest.get("thresholds"), sort_keys=True)
+
+
+def _graph_metadata(bundle: Bundle, precision: str, opset: int, extra: dict) -> dict:
+    import edgestad
+    manifest = bundle.manifest
+    height, width = bundle.input_size
+    inp = manifest.get("input", {})
+    return {
+        "edgestad.format": METADATA_FORMAT,
+        "method": manifest["method"],
+        "precision": precision,
+        "opset": str(opset),
+        "input_size": [height, width],
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "color": inp.get("color", "RGB"),
+                  "shape": ["batch", 3, height, width], "value_range": [0, 255],
+                  "resize": inp.get("resize", "area_or_linear")},
+        "outputs": {MAP_NAME: ["batch", 1, height, width], SCORE_NAME: ["batch"],
+                    "dtype": "float32", "image_score": manifest.get("image_score", "max")},
+        "thresholds": _thresholds_text(manifest),
+        "weights_sha256": manifest["files"][WEIGHTS_NAME],
+        "producer": "edgestad",
+        "producer_version": edgestad.__version__,
+        **extra,
+    }
+
+
+def _reusable(meta: dict, precision: str, bundle: Bundle, options: ExportOptions,
+              fp32_sha: str | None) -> str | None:
+    """None when a stored graph can be reused, else why not."""
+    manifest = bundle.manifest
+    import edgestad
+    checks = [
+        (meta.get("edgestad.format") == METADATA_FORMAT, "unknown graph format"),
+        (meta.get("precision") == precision, "precision differs"),
+        (meta.get("weights_sha256") == manifest["files"][WEIGHTS_NAME], "weights changed"),
+        (meta.get("thresholds") == _thresholds_text(manifest), "thresholds changed"),
+        (meta.get("opset") == str(options.opset), f"opset {meta.get('opset')} != {options.opset}"),
+        (meta.get("producer_version") == edgestad.__version__, "made by another edgestad version"),
+    ]
+    if precision != "fp32":
+        checks.append((meta.get("source_fp32_sha256") == fp32_sha, "fp32 graph changed"))
+    if precision == "int8":
+        calib = json.loads(meta.get("calibration", "{}") or "{}")
+        checks.append((calib.get("images") == options.calibration_images
+                       and calib.get("method") == options.calibration_method, "calibration settings differ"))
+    for ok, why in checks:
+        if not ok:
+            return why
+    return None
+
+
+def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = print) -> ExportResult:
+    from . import calibration as cal
+    from .parity import accuracy_cost, graph_parity
+    from .precision import to_fp16, to_int8
+    from .trt_compat import assert_tensorrt_compatible
+
+    options = options or ExportOptions()
+    precisions = normalize_precisions(options.precisions)
+    if not 1 <= options.batch <= options.max_batch:
+        raise ExportError(f"--batch {options.batch} must be between 1 and --max-batch {options.max_batch}")
+    bundle = load_bundle(bundle_path)
+    if bundle.source.is_file():
+        raise ExportError(f"bundle {bundle.source} is an archive; export adds files to a bundle directory "
+                          "- unpack it first")
+    manifest = bundle.manifest
+    result = ExportResult(bundle=bundle.path)
+    targets = ("fp32",) + tuple(p for p in precisions if p != "fp32")  # fp32 is the source of the rest
+    existing = (manifest.get("exports") or {}).get("onnx") or {}
+
+    # --- 2. reuse or make -----------------------------------------------------------------------
+    graphs: dict[str, bytes] = {}
+    details: dict[str, dict] = {}
+    for precision in targets:
+        name = existing.get(precision)
+        if options.force or not name or name not in manifest["files"]:
+            continue
+        data = bundle.file(name).read_bytes()
+        fp32_sha = sha256_bytes(graphs["fp32"]) if "fp32" in graphs else None
+        why_not = _reusable(read_metadata(onnx.load_from_string(data)), precision, bundle, options, fp32_sha)
+        if why_not is None:
+            graphs[precision] = data
+            result.reused.append(precision)
+            log(f"reusing {name} ({precision}): made from these weights with the same settings (--force re-exports)")
+        else:
+            log(f"re-exporting {precision}: the bundle's {name} is stale ({why_not})")
+    new = [p for p in targets if p not in graphs]
+
+    torch_model = None
+    if new:  # the torch model is the parity reference whenever a graph is made
+        try:
+            from edgestad.models import load_model
+            torch_model = load_model(bundle)
+        except ImportError as exc:
+            if "fp32" in new:
+                raise ExportError(f"exporting the fp32 graph needs torch ({exc}); install edgestad[train], "
+                                  "or export on the training machine and copy the bundle") from exc
+            log(f"torch is not installed ({exc}): new graphs are compared with the fp32 graph only")
+
+    parity_images = calibration_images = None
+    parity_note = None
+    try:
+        parity_images, _ = cal.calibration_images(bundle, options.parity_images, options.calibration_data)
+    except cal.CalibrationError as exc:
+        if new:
+            raise ExportError(f"cannot check parity of the new graphs: {exc}") from exc
+        parity_note = str(exc)
+
+    models: dict[str, onnx.ModelProto] = {}
+    if "fp32" in new:
+        from .onnx_export import export_fp32
+        log(f"exporting fp32 graph (opset {options.opset}) from the torch model ...")
+        models["fp32"] = export_fp32(torch_model, bundle.input_size, options.opset)
+        details["fp32"] = {"rule": "float32 everywhere (reference graph)"}
+    fp32_model = models.get("fp32") or onnx.load_from_string(graphs["fp32"])
+    if "fp32" in models:
+        set_metadata(fp32_model, _graph_metadata(bundle, "fp32", options.opset,
+                                                 {"precision_rule": details["fp32"]["rule"],
+                                                  "torch_version": _versions()["torch"] or ""}))
+        graphs["fp32"] = fp32_model.SerializeToString()
+    fp32_sha = sha256_bytes(graphs["fp32"])
+    if "fp16" in new:
+        log("converting to fp16 (convolution networks fp16, scoring tail fp32) ...")
+        models["fp16"], details["fp16"] = to_fp16(fp32_model)
+    if "int8" in new:
+        try:
+            calibration_images, calib_paths = cal.calibration_images(bundle, options.calibration_images,
+                                                                     options.calibration_data)
+        except cal.CalibrationError as exc:
+            raise ExportError(f"int8 needs calibration images: {exc}") from exc
+        log(f"quantizing to int8 (Q/DQ, {options.calibration_method} calibration on "
+            f"{len(calibration_images)} good training images) ...")
+        models["int8"], details["int8"] = to_int8(fp32_model, calibration_images, options.calibration_method)
+        details["int8"]["calibration_data"] = str(cal.data_folder(bundle, options.calibration_data))
+    for precision in ("fp16", "int8"):
+        if precision in models:
+            extra = {"precision_rule": details[precision]["rule"], "source_fp32_sha256": fp32_sha}
+            if precision == "int8":
+                extra["calibration"] = {"images": options.calibration_images,
+                                        "method": options.calibration_method}
+            set_metadata(models[precision], _graph_metadata(bundle, precision, default_opset(fp32_model), extra))
+            graphs[precision] = models[precision].SerializeToString()
+
+    # --- 3. contract + TensorRT compatibility (new and reused graphs alike) -------------------------
+    compat = {}
+    for precision in targets:
+        model = models.get(precision) or onnx.load_from_string(graphs[precision])
+        what = f"{ONNX_FILES[precision]} ({precision})"
+        check_io_contract(model, bundle.input_size)
+        compat[precision] = assert_tensorrt_compatible(model, what).summary()
+        log(f"  {what}: TensorRT-compatible ({compat[precision]['checked_nodes']} nodes, opset "
+            f"{compat[precision]['opset']})")
+
+    # --- 4. parity and accuracy of the new graphs ---------------------------------------------------
+    report_parity = report_accuracy = None
+    if new:
+        measured = {p: graphs[p] for p in targets if p in new or p == "fp32"}  # fp32: the reference
+        log(f"parity on {len(parity_images)} good training images (ONNX Runtime CPU"
+            + (" vs torch" if torch_model is not None else "") + ") ...")
+        report_parity = graph_parity(measured, parity_images, torch_model, options.batch_size,
+                                     options.threads, log)
+        if options.accuracy:
+            test = cal.test_set(bundle, options.calibration_data)
+            if test is None:
+                log("  no test/ folder in the data: accuracy cost not measured")
+            else:
+                log(f"accuracy cost on {len(test[0])} test images ...")
+                report_accuracy = accuracy_cost(measured, *test, batch_size=options.batch_size,
+                                                threads=options.threads, log=log)
+
+    # --- 5. write graphs + report + manifest in one add_files -------------------------------------
+    old_report = _read_report(bundle)
+    report = _merge_report(old_report, bundle, targets, new, graphs, details, compat, report_parity,
+                           report_accuracy, options)
+    # Graphs derived from a replaced fp32 graph (fp16/int8 not requested this time) no longer
+    # match it; drop them rather than leave a bundle whose graphs disagree with each other.
+    orphans = [p for p in existing if "fp32" in new and p not in targets and p in ONNX_FILES]
+    remove = [ONNX_FILES[p] for p in orphans if ONNX_FILES[p] in manifest["files"]]
+    for p in orphans:
+        report["graphs"].pop(p, None)
+        log(f"removing {ONNX_FILES[p]}: it was derived from the previous fp32 graph "
+            f"(re-create it with --precision {p})")
+    engines_before = _engine_entries(manifest)
+    stale = [e for e in engines_before if e.get("precision") in orphans or (
+        e.get("precision") in new and e.get("onnx_sha256") != sha256_bytes(graphs[e["precision"]]))]
+    for entry in stale:
+        for key in ("file", "sidecar"):
+            if entry.get(key) and entry[key] in manifest["files"]:
+                remove.append(entry[key])
+    engines_after = [e for e in engines_before if e not in stale]
+    report["engines"] = engines_after
+    files = {ONNX_FILES[p]: graphs[p] for p in new}
+    files[REPORT_FILE] = _json_bytes(report)
+    updates = {"exports": _exports_section(bundle, targets, details, options, engines_after, graphs)}
+    bundle = add_files(bundle.path, files, manifest_updates=updates, remove=remove)
+    if orphans:  # deep-merge cannot delete keys: rewrite the maps without the removed graphs
+        exports = bundle.manifest["exports"]
+        kept = {k: {p: v for p, v in (exports.get(k) or {}).items() if p not in orphans}
+                for k in ("onnx", "onnx_sha256", "precision_rules")}
+        bundle = _replace_export_maps(bundle, kept)
+    result.written = sorted(files)
+    result.removed = remove
+    for name in remove:
+        if name.endswith((".engine", ".json")):
+            log(f"removed {name}: its engine was built from a graph that was just replaced")
+    result.report = report
+
+    # --- 6. engines -----------------------------------------------------------------------------------
+    result.engine_note, built = _maybe_build_engines(bundle, precisions, graphs, options, parity_images, log)
+    if built:
+        engines = [e for e in engines_after if e.get("file") not in {b["file"] for b in built}] + built
+        report["engines"] = engines
+        files = {}
+        for entry in built:
+            files[entry["file"]] = entry.pop("_plan")
+            files[entry["sidecar"]] = entry.pop("_sidecar")
+        files[REPORT_FILE] = _json_bytes(report)
+        bundle = add_files(bundle.path, files, manifest_updates={"exports": {"engines": engines}})
+        result.written += sorted(files)
+        result.engines = built
+    if parity_note and not new:
+        log(f"note: {parity_note}")
+    return result
+
+
+# ------------------------------------------------------------------------------ report / manifest
+
+
+def _replace_export_maps(bundle: Bundle, maps: dict) -> Bundle:
+    """Set exports.<key> to exactly ``maps[key]`` (add_files' deep merge only adds keys)."""
+    from edgestad.bundle import MANIFEST_NAME, atomic_write_json
+    manifest = json.loads((bundle.path / MANIFEST_NAME).read_text())
+    manifest["exports"].update(maps)
+    atomic_write_json(bundle.path / MANIFEST_NAME, manifest)
+    return load_bundle(bundle.path)
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False, default=_json_default) + "\n").encode()
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _read_report(bundle: Bundle) -> dict:
+    if REPORT_FILE not in bundle.manifest["files"]:
+        return {}
+    try:
+        return json.loads(bundle.file(REPORT_FILE).read_text())
+    except ValueError:
+        return {}
+
+
+def _merge_report(old: dict, bundle: Bundle, targets, new, graphs, details, compat, parity, accuracy,
+                  options: ExportOptions) -> dict:
+    report = {
+        "format": "edgestad-export-report/1",
+        "updated": _now(),
+        "bundle_weights_sha256": bundle.manifest["files"][WEIGHTS_NAME],
+        "versions": _versions(),
+        "parity_definition": "max|a - b| / max|b| over all pixels of all images (b = reference)",
+        "graphs": dict(old.get("graphs") or {}) if old.get("bundle_weights_sha256") ==
+        bundle.manifest["files"][WEIGHTS_NAME] else {},
+        "parity": parity if parity is not None else old.get("parity"),
+        "accuracy": accuracy if accuracy is not None else (old.get("accuracy") if parity is None else None),
+        "verified_here": "ONNX Runtime CPUExecutionProvider (parity, accuracy); TensorRT engines only "
+                         "where listed under engines",
+    }
+    for precision in targets:
+        model_bytes = graphs[precision]
+        entry = dict(report["graphs"].get(precision) or {}) if precision not in new else {}
+        entry.update({
+            "file": ONNX_FILES[precision],
+            "sha256": sha256_bytes(model_bytes),
+            "bytes": len(model_bytes),
+            "trt_compat": compat[precision],
+        })
+        if precision in new:
+            model = onnx.load_from_string(model_bytes)
+            entry.update({"exported_at": report["updated"], "opset": default_opset(model),
+                          "op_counts": op_counts(model), "precision": details.get(precision, {})})
+        if parity is not None and precision in parity["graphs"]:
+            entry["parity"] = parity["graphs"][precision]
+        if accuracy is not None and precision in accuracy["graphs"]:
+            entry["accuracy"] = accuracy["graphs"][precision]
+        report["graphs"][precision] = entry
+    return report
+
+
+def _engine_entries(manifest: dict) -> list[dict]:
+    entries = (manifest.get("exports") or {}).get("engines") or []
+    return [dict(e) for e in entries if isinstance(e, dict) and e.get("file")]
+
+
+def _exports_section(bundle: Bundle, targets, details, options, engines, graphs) -> dict:
+    height, width = bundle.input_size
+    section = {
+        "onnx": {p: ONNX_FILES[p] for p in targets},
+        "onnx_sha256": {p: sha256_bytes(graphs[p]) for p in targets},
+        "opset": options.opset,
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "color": "RGB",
+                  "shape": ["batch", 3, height, width], "value_range": [0, 255]},
+        "outputs": {MAP_NAME: {"dtype": "float32", "shape": ["batch", 1, height, width]},
+                    SCORE_NAME: {"dtype": "float32", "shape": ["batch"]}},
+        "report": REPORT_FILE,
+        "engines": engines,
+        "exported_at": _now(),
+    }
+    rules = {p: details[p]["rule"] for p in details if "rule" in details[p]}
+    if rules:
+        section["precision_rules"] = rules
+    return section
+
+
+# ------------------------------------------------------------------------------ engines
+
+
+def _maybe_build_engines(bundle: Bundle, precisions, graphs, options: ExportOptions, images, log: Log):
+    from . import tensorrt_build as trtb
+
+    if options.engine is False:
+        return "engine build skipped (--no-engine)", []
+    available, why = trtb.tensorrt_status()
+    if not available:
+        note = (f"{why}: wrote the ONNX graphs only. TensorRT engines are specific to one GPU and "
+                "TensorRT version, so build them on the target device: copy the bundle there and run "
+                f"`edgestad export {bundle.path} --precision {' --precision '.join(precisions)}` "
+                "(on a Jetson, JetPack provides TensorRT; the graphs above are reused, torch is not needed).")
+        log(note)
+        return note, []
+    gpu = trtb.gpu_info()
+    cache = options.timing_cache or trtb.default_timing_cache(gpu)
+    height, width = bundle.input_size
+    if images is None:
+        # No data folder on the device: verify engine against ONNX Runtime on fixed synthetic images.
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (4, 3, height, width), dtype=np.uint8)
+        source = "synthetic (data folder not available here)"
+    else:
+        source = "good training images"
+    built = []
+    for precision in precisions:
+        onnx_bytes = graphs[precision]
+        name = trtb.engine_file_name(precision, gpu["gpu_name"], gpu["compute_capability"],
+                                     gpu["tensorrt_version"])
+        engine = trtb.build_engine(onnx_bytes, precision, (3, height, width), batch=options.batch,
+                                   max_batch=options.max_batch, workspace_mb=options.workspace_mb,
+                                   timing_cache=cache, log=log)
+        check = trtb.verify_engine(engine.plan, onnx_bytes, precision, images, options.threads)
+        check["images_source"] = source
+        if not check["passed"]:
+            raise trtb.EngineBuildError(
+                f"{name}: engine output differs from ONNX Runtime by {check['max_rel_diff_map']:.2e} "
+                f"(max rel diff of maps; tolerance {check['tolerance']:.0e}); not written")
+        log(f"  {name}: verified against ONNX Runtime, max rel diff {check['max_rel_diff_map']:.2e}")
+        sidecar = trtb.make_sidecar(precision=precision, gpu=gpu, onnx_file=ONNX_FILES[precision],
+                                    onnx_sha256=sha256_bytes(onnx_bytes), input_shape=(3, height, width),
+                                    batch=options.batch, max_batch=options.max_batch,
+                                    workspace_mb=options.workspace_mb,
+                                    strongly_typed=engine.strongly_typed, verification=check)
+        entry = {"file": name, "sidecar": trtb.sidecar_file_name(name), **{
+            k: sidecar[k] for k in ("precision", "gpu_name", "compute_capability", "tensorrt_version",
+                                    "onnx", "onnx_sha256", "built_at")},
+            "verification_passed": True, "_plan": engine.plan, "_sidecar": trtb.sidecar_json(sidecar)}
+        built.append(entry)
+    return None, built

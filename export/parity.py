@@ -1,0 +1,236 @@
+"""Parity and accuracy cost of exported graphs, measured with ONNX Runtime on the CPU.
+
+Parity: the largest relative difference of anomaly maps,
+
+    max_rel_diff(a, b) = max |a - b| / max |b|     (b: the reference; over all pixels of all images)
+
+i.e. the worst pixel error as a fraction of the map's dynamic range. The fp32 graph must match
+the torch model to 1e-4 (FP32_PARITY_TARGET); fp16 and int8 graphs are reported, not gated.
+
+Accuracy cost: AU-PRO (FPR limit 0.3), pixel AUROC and image AUROC of each graph on the
+dataset's test set, and the change against the fp32 graph (INT8_AU_PRO_TARGET: 0.01).
+
+ONNX Runtime's CPU provider runs fp16 nodes with fp16 tensors between nodes but may compute a
+node in fp32 internally, and its int8 path is exact integer arithmetic with float rescaling:
+close to, not identical with, TensorRT's kernels. The engine build therefore re-checks each
+engine against ONNX Runtime on the device (tensorrt_build.verify_engine).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .graph import INPUT_NAME, MAP_NAME, SCORE_NAME
+
+FP32_PARITY_TARGET = 1e-4
+INT8_AU_PRO_TARGET = 0.01
+BATCH_CONSISTENCY_TARGET = 1e-5
+PARITY_DEFINITION = "max|a - b| / max|b| over all pixels of all images (b = reference)"
+
+
+class ParityError(ValueError):
+    """A graph disagrees with its reference beyond the target, or produced non-finite values."""
+
+
+def max_relative_difference(actual: np.ndarray, reference: np.ndarray) -> float:
+    actual = np.asarray(actual, dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if actual.shape != reference.shape:
+        raise ValueError(f"shapes differ: {actual.shape} vs reference {reference.shape}")
+    scale = float(np.max(np.abs(reference))) if reference.size else 0.0
+    worst = float(np.max(np.abs(actual - reference))) if reference.size else 0.0
+    return worst / scale if scale > 0 else worst
+
+
+def compare(maps: np.ndarray, scores: np.ndarray, ref_maps: np.ndarray, ref_scores: np.ndarray) -> dict:
+    return {
+        "max_rel_diff_map": max_relative_difference(maps, ref_maps),
+        "max_abs_diff_map": float(np.max(np.abs(maps.astype(np.float64) - ref_maps))),
+        "mean_abs_diff_map": float(np.mean(np.abs(maps.astype(np.float64) - ref_maps))),
+        "max_rel_diff_score": max_relative_difference(scores, ref_scores),
+        "reference_map_max_abs": float(np.max(np.abs(ref_maps))),
+    }
+
+
+# ------------------------------------------------------------------------------ runners
+
+
+def ort_session(model: bytes | str, threads: int | None = None):
+    """A CPU ONNX Runtime session (bytes or path); all graph optimisations on, as deployed."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.log_severity_level = 3
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _batches(images: np.ndarray, batch_size: int):
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size]
+
+
+def run_session(session, images: np.ndarray, batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 N x 3 x H x W -> (maps float32 N x H x W, scores float32 N)."""
+    maps, scores = [], []
+    for batch in _batches(images, batch_size):
+        out_map, out_score = session.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: batch})
+        maps.append(out_map[:, 0])
+        scores.append(out_score)
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def run_torch(model, images: np.ndarray, batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    maps, scores = [], []
+    with torch.no_grad():
+        for batch in _batches(images, batch_size):
+            out_map, out_score = model(torch.from_numpy(np.ascontiguousarray(batch)))
+            maps.append(out_map[:, 0].float().numpy())
+            scores.append(out_score.float().numpy())
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def _check_finite(what: str, maps: np.ndarray, scores: np.ndarray) -> None:
+    if not (np.isfinite(maps).all() and np.isfinite(scores).all()):
+        raise ParityError(f"{what} produced non-finite values (NaN/inf) on the parity images")
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+def graph_parity(graphs: dict[str, bytes], images: np.ndarray, torch_model=None,
+                 batch_size: int = 4, threads: int | None = None,
+                 log: Callable[[str], None] = lambda s: None) -> dict:
+    """Parity of every graph against the torch model (if given) and against the fp32 graph.
+
+    Also checks the dynamic batch: image 0 run alone must equal image 0 run in a batch.
+    Raises ParityError when the fp32 graph misses FP32_PARITY_TARGET or any graph is non-finite.
+    """
+    result: dict[str, Any] = {"images": int(len(images)), "definition": PARITY_DEFINITION,
+                              "fp32_target": FP32_PARITY_TARGET, "graphs": {}}
+    reference = None
+    if torch_model is not None:
+        t0 = time.perf_counter()
+        reference = run_torch(torch_model, images, batch_size)
+        result["torch_seconds"] = round(time.perf_counter() - t0, 3)
+    outputs = {}
+    for precision in ("fp32", "fp16", "int8"):
+        if precision not in graphs:
+            continue
+        session = ort_session(graphs[precision], threads)
+        t0 = time.perf_counter()
+        maps, scores = run_session(session, images, batch_size)
+        seconds = time.perf_counter() - t0
+        _check_finite(f"the {precision} graph", maps, scores)
+        single_map, _ = run_session(session, images[:1], 1)
+        entry: dict[str, Any] = {
+            "seconds": round(seconds, 3),
+            "batch_consistency_rel_diff": max_relative_difference(single_map, maps[:1]),
+        }
+        if entry["batch_consistency_rel_diff"] > BATCH_CONSISTENCY_TARGET:
+            raise ParityError(f"the {precision} graph gives different maps for an image run alone and in a "
+                              f"batch (max rel diff {entry['batch_consistency_rel_diff']:.2e}): the batch "
+                              "dimension is not handled correctly")
+        if reference is not None:
+            entry["vs_torch"] = compare(maps, scores, *reference)
+        if precision != "fp32" and "fp32" in outputs:
+            entry["vs_fp32_graph"] = compare(maps, scores, *outputs["fp32"])
+        outputs[precision] = (maps, scores)
+        result["graphs"][precision] = entry
+        rel = entry.get("vs_torch", entry.get("vs_fp32_graph", {})).get("max_rel_diff_map")
+        log(f"  parity {precision}: " + (f"max rel diff {rel:.2e}" if rel is not None else "no reference")
+            + f" ({len(images)} images, {seconds:.1f} s)")
+    fp32 = result["graphs"].get("fp32", {}).get("vs_torch")
+    if fp32 is not None:
+        fp32["target"] = FP32_PARITY_TARGET
+        fp32["passed"] = fp32["max_rel_diff_map"] <= FP32_PARITY_TARGET
+        if not fp32["passed"]:
+            raise ParityError(f"the fp32 graph differs from the torch model by {fp32['max_rel_diff_map']:.2e} "
+                              f"(max rel diff of maps) > {FP32_PARITY_TARGET:.0e}; not writing it")
+    return result
+
+
+# ------------------------------------------------------------------------------ accuracy
+
+
+def accuracy_metrics(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> dict:
+    from edgestad.metrics import au_pro, image_auroc, pixel_auroc
+
+    out: dict[str, Any] = {}
+    has_defect_pixels = bool(masks.any())
+    has_both_labels = bool(labels.any()) and bool((labels == 0).any())
+    out["au_pro"] = float(au_pro(list(maps), list(masks))) if has_defect_pixels else None
+    out["pixel_auroc"] = float(pixel_auroc(list(maps), list(masks))) if has_defect_pixels else None
+    out["image_auroc"] = float(image_auroc(scores, labels)) if has_both_labels else None
+    return out
+
+
+def accuracy_cost(graphs: dict[str, bytes], test_images: np.ndarray, masks: np.ndarray,
+                  labels: np.ndarray, batch_size: int = 4, threads: int | None = None,
+                  log: Callable[[str], None] = lambda s: None) -> dict:
+    """AU-PRO / AUROCs of every graph on the test set, and the change against the fp32 graph."""
+    result: dict[str, Any] = {"test_images": int(len(test_images)), "anomalous": int(labels.sum()),
+                              "au_pro_integration_limit": 0.3, "baseline": "fp32 graph",
+                              "int8_au_pro_target": INT8_AU_PRO_TARGET, "graphs": {}}
+    baseline = None
+    for precision in ("fp32", "fp16", "int8"):
+        if precision not in graphs:
+            continue
+        t0 = time.perf_counter()
+        maps, scores = run_session(ort_session(graphs[precision], threads), test_images, batch_size)
+        _check_finite(f"the {precision} graph (test set)", maps, scores)
+        metrics = accuracy_metrics(maps, scores, masks, labels)
+        metrics["seconds"] = round(time.perf_counter() - t0, 3)
+        if precision == "fp32":
+            baseline = metrics
+        elif baseline is not None:
+            for key in ("au_pro", "pixel_auroc", "image_auroc"):
+                if metrics[key] is not None and baseline[key] is not None:
+                    metrics[f"delta_{key}"] = metrics[key] - baseline[key]
+            if precision == "int8" and "delta_au_pro" in metrics:
+                metrics["within_target"] = abs(metrics["delta_au_pro"]) <= INT8_AU_PRO_TARGET
+        result["graphs"][precision] = metrics
+        au = metrics["au_pro"]
+        delta = metrics.get("delta_au_pro")
+        log(f"  accuracy {precision}: AU-PRO " + (f"{au:.4f}" if au is not None else "n/a")
+            + (f" (change {delta:+.4f})" if delta is not None else "")
+            + f", {len(test_images)} test images, {metrics['seconds']:.1f} s")
+    return result
+
+
+def parity_table(report: dict) -> list[dict]:
+    """Rows (precision, max rel diff vs torch, vs fp32 graph, AU-PRO, change) for READMEs."""
+    rows = []
+    graphs = report.get("graphs") or {}
+    for precision in ("fp32", "fp16", "int8"):
+        p = (graphs.get(precision) or {}).get("parity") or {}
+        a = (graphs.get(precision) or {}).get("accuracy") or {}
+        if not p and not a:
+            continue
+        rows.append({
+            "precision": precision,
+            "max_rel_diff_vs_torch": (p.get("vs_torch") or {}).get("max_rel_diff_map"),
+            "max_rel_diff_vs_fp32_graph": (p.get("vs_fp32_graph") or {}).get("max_rel_diff_map"),
+            "au_pro": a.get("au_pro"),
+            "delta_au_pro": a.get("delta_au_pro"),
+            "pixel_auroc": a.get("pixel_auroc"),
+            "image_auroc": a.get("image_auroc"),
+        })
+    return rows
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    def f(v, fmt):
+        return "—" if v is None else format(v, fmt)
+    lines = ["| precision | max rel diff vs torch | vs fp32 graph | AU-PRO | Δ AU-PRO | pixel AUROC | image AUROC |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['precision']} | {f(r['max_rel_diff_vs_torch'], '.2e')} | "
+                     f"{f(r['max_rel_diff_vs_fp32_graph'], '.2e')} | {f(r['au_pro'], '.4f')} | "
+                     f"{f(r['delta_au_pro'], '+.5f')} | {f(r['pixel_auroc'], '.4f')} | {f(r['image_auroc'], '.4f')} |")
+    return "\n".join(lines)
