@@ -1,0 +1,519 @@
+"""Inference backends behind one small interface.
+
+Every backend runs the bundle's exported graph, whose I/O contract is fixed:
+input ``images`` uint8 N x 3 x H x W (RGB), outputs ``anomaly_map`` float32 N x 1 x H x W and
+``image_score`` float32 N. ``Backend.infer(batch) -> (maps N x H x W, scores N)``.
+
+- ``OnnxRuntimeBackend``: ONNX Runtime with the TensorRT EP, CUDA EP, CPU EP, in that order,
+  whichever this onnxruntime build offers.
+- ``TensorRTBackend``: a serialized TensorRT engine through tensorrt + pycuda (page-locked host
+  buffers, one CUDA stream, the tensor-name API ``set_tensor_address`` / ``execute_async_v3`` that
+  TensorRT 10 and 11 share). Both packages are imported lazily: they exist only on GPU machines.
+
+``select_backend`` picks one for a bundle (``auto``: a TensorRT engine built for this very GPU and
+TensorRT version if there is one, else ONNX Runtime) and says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from .errors import BackendError
+
+log = logging.getLogger("edgestad.runtime.backends")
+
+INPUT_NAME = "images"
+MAP_NAME = "anomaly_map"
+SCORE_NAME = "image_score"
+PRECISIONS = ("fp32", "fp16", "int8")
+ORT_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+# Conventional file names when a manifest has no ``exports`` section (export writes these).
+DEFAULT_ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+
+class Backend(Protocol):
+    name: str  # e.g. "onnxruntime:CPUExecutionProvider" or "tensorrt"
+    precision: str
+    input_shape: tuple[int, int, int]  # (3, H, W)
+    model_file: Path
+    model_sha256: str
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, 3, H, W) -> (maps float32 (N, H, W), scores float32 (N,))."""
+
+    def close(self) -> None: ...
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_batch(batch: np.ndarray, shape: tuple[int, int, int], who: str) -> np.ndarray:
+    if batch.dtype != np.uint8 or batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(shape):
+        raise BackendError(
+            f"{who}: input must be uint8 (N, {shape[0]}, {shape[1]}, {shape[2]}), "
+            f"got {batch.dtype} {tuple(batch.shape)}"
+        )
+    return np.ascontiguousarray(batch)
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+
+def ort_available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def ort_providers_in_order(available: Sequence[str] | None = None) -> list[str]:
+    """TensorRT EP, CUDA EP, CPU EP: those this onnxruntime build has, best first."""
+    available = ort_available_providers() if available is None else list(available)
+    chosen = [p for p in ORT_PROVIDER_ORDER if p in available]
+    return chosen or ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike,
+        *,
+        precision: str = "fp32",
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
+        trt_cache_dir: str | os.PathLike | None = None,
+        sha256: str | None = None,
+    ):
+        import onnxruntime as ort
+
+        self.model_file = Path(onnx_path)
+        if not self.model_file.is_file():
+            raise BackendError(f"ONNX graph not found: {self.model_file}")
+        self.precision = precision
+        providers = list(providers) if providers else ort_providers_in_order()
+        provider_args: list[Any] = []
+        for p in providers:
+            if p == "TensorrtExecutionProvider":
+                cache = Path(trt_cache_dir or default_cache_dir() / "ort-trt")
+                opts = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
+                # Precision lives in the graph; TensorRT still needs leave to use FP16/INT8 kernels.
+                if precision == "fp16":
+                    opts["trt_fp16_enable"] = True
+                if precision == "int8":
+                    opts["trt_int8_enable"] = True
+                try:
+                    cache.mkdir(parents=True, exist_ok=True)
+                except OSError:
+                    opts["trt_engine_cache_enable"] = False
+                provider_args.append((p, opts))
+            else:
+                provider_args.append(p)
+        so = ort.SessionOptions()
+        if not intra_op_threads and providers[0] == "CPUExecutionProvider":
+            # Leave one core to the capture thread (decode + resize): measured on 2 cores, ORT's
+            # default of all cores made the whole pipeline 20 % slower than bare inference,
+            # cores - 1 brought it under 10 % (benchmarks/runtime_overhead.py).
+            intra_op_threads = max(1, (os.cpu_count() or 1) - 1)
+        if intra_op_threads:
+            so.intra_op_num_threads = int(intra_op_threads)
+        self.intra_op_threads = intra_op_threads
+        try:
+            self.session = ort.InferenceSession(str(self.model_file), sess_options=so, providers=provider_args)
+        except Exception as exc:  # onnxruntime raises its own exception zoo
+            raise BackendError(f"ONNX Runtime cannot load {self.model_file}: {exc}") from None
+        self.providers = self.session.get_providers()
+        self.name = f"onnxruntime:{self.providers[0]}"
+        self.input_shape = self._check_io()
+        self.model_sha256 = sha256 or file_sha256(self.model_file)
+
+    def _check_io(self) -> tuple[int, int, int]:
+        inputs = self.session.get_inputs()
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        problems = []
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+            problems.append(f"inputs {[i.name for i in inputs]} (expected exactly {INPUT_NAME!r})")
+        elif inputs[0].type != "tensor(uint8)":
+            problems.append(f"input {INPUT_NAME!r} is {inputs[0].type} (expected tensor(uint8))")
+        for name in (MAP_NAME, SCORE_NAME):
+            if name not in outputs:
+                problems.append(f"no output {name!r} (outputs: {sorted(outputs)})")
+            elif outputs[name].type != "tensor(float)":
+                problems.append(f"output {name!r} is {outputs[name].type} (expected tensor(float))")
+        shape = inputs[0].shape if inputs else []
+        if not problems and (len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:])):
+            problems.append(f"input shape {shape} (expected N x 3 x H x W with fixed C, H, W)")
+        if problems:
+            raise BackendError(f"{self.model_file} does not follow the edgestad graph contract: " + "; ".join(problems))
+        return (int(shape[1]), int(shape[2]), int(shape[3]))
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = _check_batch(batch, self.input_shape, self.name)
+        maps, scores = self.session.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: batch})
+        return maps.reshape(batch.shape[0], *maps.shape[-2:]), scores.reshape(batch.shape[0])
+
+    def close(self) -> None:
+        self.session = None
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+@dataclass
+class EngineEntry:
+    path: Path
+    sidecar: dict = field(default_factory=dict)
+
+    @property
+    def precision(self) -> str:
+        return str(self.sidecar.get("precision", "")).lower()
+
+
+def _version_tuple(v: Any, n: int = 3) -> tuple[int, ...]:
+    parts = []
+    for piece in str(v).split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts[:n])
+
+
+def _cc_text(cc: Any) -> str:
+    if isinstance(cc, (list, tuple)):
+        return ".".join(str(int(x)) for x in cc)
+    return str(cc).strip()
+
+
+def engine_compat_problems(sidecar: Mapping[str, Any], running: Mapping[str, Any]) -> list[str]:
+    """Why an engine built as ``sidecar`` describes cannot run on ``running`` (empty: it can).
+
+    ``running`` has ``gpu_name``, ``compute_capability`` and ``tensorrt_version``. A TensorRT
+    engine is compiled for one GPU architecture and one TensorRT release; loading it elsewhere
+    fails or, worse, crashes deep inside the runtime, so the sidecar is checked first.
+    """
+    problems = []
+    built_cc, run_cc = _cc_text(sidecar.get("compute_capability", "")), _cc_text(running["compute_capability"])
+    if not built_cc:
+        problems.append("sidecar has no compute_capability")
+    elif built_cc != run_cc:
+        problems.append(
+            f"built for compute capability {built_cc} ({sidecar.get('gpu_name', '?')}), "
+            f"this GPU is {run_cc} ({running.get('gpu_name', '?')})"
+        )
+    built_trt, run_trt = sidecar.get("tensorrt_version"), running["tensorrt_version"]
+    if not built_trt:
+        problems.append("sidecar has no tensorrt_version")
+    elif _version_tuple(built_trt) != _version_tuple(run_trt):
+        problems.append(f"built with TensorRT {built_trt}, this machine has TensorRT {run_trt}")
+    return problems
+
+
+def list_engines(bundle_dir: Path, manifest: Mapping[str, Any]) -> list[EngineEntry]:
+    """TensorRT engines of a bundle with their JSON sidecars.
+
+    The manifest's ``exports.engines`` is read in any of the shapes export may write (a list of
+    file names, a list of objects with a ``file``/``path``/``engine`` key, or a mapping to file
+    names); ``*.engine`` files in the bundle folder are added so a hand-copied engine is found too.
+    The sidecar is ``<name>.json`` next to ``<name>.engine`` (or ``<name>.engine.json``).
+    """
+    names: list[str] = []
+    inline: dict[str, dict] = {}
+    entries = (manifest.get("exports") or {}).get("engines") or []
+    if isinstance(entries, Mapping):
+        entries = list(entries.values())
+    for item in entries:
+        if isinstance(item, str):
+            names.append(item)
+        elif isinstance(item, Mapping):
+            name = item.get("file") or item.get("path") or item.get("engine")
+            if name:
+                names.append(str(name))
+                inline[str(name)] = {k: v for k, v in item.items() if k not in ("file", "path", "engine")}
+    for p in sorted(bundle_dir.glob("*.engine")):
+        if p.name not in names:
+            names.append(p.name)
+    found = []
+    for name in names:
+        path = bundle_dir / name
+        sidecar = dict(inline.get(name, {}))
+        for candidate in (path.with_suffix(".json"), path.with_name(path.name + ".json")):
+            if candidate.is_file():
+                try:
+                    sidecar.update(json.loads(candidate.read_text()))
+                except (OSError, ValueError) as exc:
+                    log.warning("ignoring unreadable engine sidecar %s: %s", candidate, exc)
+                break
+        if isinstance(sidecar.get("sidecar"), str):
+            side = bundle_dir / sidecar["sidecar"]
+            if side.is_file():
+                sidecar.update(json.loads(side.read_text()))
+        found.append(EngineEntry(path, sidecar))
+    return found
+
+
+def tensorrt_importable() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("tensorrt", "pycuda"))
+
+
+class TensorRTBackend:
+    """A serialized TensorRT engine run with pycuda: pinned host buffers, one stream.
+
+    Not exercised on the development machine (TensorRT cannot be installed there); the code
+    follows the TensorRT 10 Python API, which TensorRT 11 keeps (the removed calls, e.g.
+    ``execute_async_v2`` and binding indices, are not used).
+    """
+
+    def __init__(self, engine: EngineEntry, sha256: str | None = None, device: int = 0):
+        try:
+            import pycuda.driver as cuda
+            import tensorrt as trt
+        except ImportError as exc:
+            raise BackendError(
+                f"the TensorRT backend needs the tensorrt and pycuda packages ({exc}); "
+                "install JetPack's python3-libnvinfer / pip tensorrt and pycuda, or use --backend onnxruntime"
+            ) from None
+        self._cuda, self._trt = cuda, trt
+        self.model_file = engine.path
+        if not engine.path.is_file():
+            raise BackendError(f"TensorRT engine not found: {engine.path}")
+        cuda.init()
+        dev = cuda.Device(device)
+        running = {
+            "gpu_name": dev.name(),
+            "compute_capability": ".".join(str(x) for x in dev.compute_capability()),
+            "tensorrt_version": trt.__version__,
+        }
+        problems = engine_compat_problems(engine.sidecar, running)
+        if problems:
+            raise BackendError(f"{engine.path.name} cannot run here: " + "; ".join(problems))
+        if engine.sidecar.get("gpu_name") and engine.sidecar["gpu_name"] != running["gpu_name"]:
+            log.warning(
+                "%s was built on %s, running on %s (same architecture, so it loads; rebuild for best speed)",
+                engine.path.name, engine.sidecar["gpu_name"], running["gpu_name"],
+            )
+        self.precision = engine.precision or "unknown"
+        self.name = "tensorrt"
+        self.running = running
+        # The primary context is the one the CUDA runtime (and so TensorRT) uses; pushing it around
+        # each call makes the backend usable from whichever thread runs inference.
+        self._ctx = dev.retain_primary_context()
+        self._ctx.push()
+        try:
+            self._setup(engine.path.read_bytes())
+        finally:
+            self._ctx.pop()
+        self.model_sha256 = sha256 or file_sha256(self.model_file)
+
+    def _setup(self, blob: bytes) -> None:
+        cuda, trt = self._cuda, self._trt
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(blob)
+        if self.engine is None:
+            raise BackendError(
+                f"TensorRT {trt.__version__} could not deserialize {self.model_file.name} "
+                "(built by another TensorRT version or for another GPU, or the file is damaged)"
+            )
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        missing = {INPUT_NAME, MAP_NAME, SCORE_NAME} - set(names)
+        if missing:
+            raise BackendError(f"{self.model_file.name}: engine lacks tensors {sorted(missing)} (has {names})")
+        in_shape = tuple(self.engine.get_tensor_shape(INPUT_NAME))
+        if len(in_shape) != 4 or any(d < 0 for d in in_shape[1:]):
+            raise BackendError(f"{self.model_file.name}: input shape {in_shape} is not N x 3 x H x W")
+        self.input_shape = tuple(int(d) for d in in_shape[1:])
+        if in_shape[0] < 0:  # dynamic batch: the profile's max is the largest batch served
+            self.max_batch = int(self.engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
+        else:
+            self.max_batch = int(in_shape[0])
+        self.stream = cuda.Stream()
+        self.host: dict[str, np.ndarray] = {}
+        self.device: dict[str, Any] = {}
+        self._dynamic = in_shape[0] < 0
+        if self._dynamic:
+            self.context.set_input_shape(INPUT_NAME, (self.max_batch, *self.input_shape))
+        for name in names:
+            dtype = trt.nptype(self.engine.get_tensor_dtype(name))
+            shape = tuple(self.context.get_tensor_shape(name))
+            size = int(np.prod(shape))
+            self.host[name] = cuda.pagelocked_empty(size, dtype)
+            self.device[name] = cuda.mem_alloc(self.host[name].nbytes)
+            self.context.set_tensor_address(name, int(self.device[name]))
+        if self.host[INPUT_NAME].dtype != np.uint8:
+            raise BackendError(f"{self.model_file.name}: input tensor is {self.host[INPUT_NAME].dtype}, expected uint8")
+        self._batch = self.max_batch
+
+    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cuda = self._cuda
+        batch = _check_batch(batch, self.input_shape, self.name)
+        n = batch.shape[0]
+        if n > self.max_batch:
+            raise BackendError(f"batch {n} exceeds the engine's maximum batch {self.max_batch}")
+        self._ctx.push()
+        try:
+            if self._dynamic and n != self._batch:
+                self.context.set_input_shape(INPUT_NAME, (n, *self.input_shape))
+                self._batch = n
+            elif not self._dynamic and n != self.max_batch:
+                raise BackendError(f"engine has fixed batch {self.max_batch}, got {n}")
+            h, w = self.input_shape[1:]
+            # Only the first n items travel: the buffers are sized for the profile's max batch.
+            flat_in = self.host[INPUT_NAME][: batch.size]
+            np.copyto(flat_in, batch.reshape(-1))
+            cuda.memcpy_htod_async(self.device[INPUT_NAME], flat_in, self.stream)
+            if not self.context.execute_async_v3(self.stream.handle):
+                raise BackendError("TensorRT execute_async_v3 failed (see TensorRT log above)")
+            cuda.memcpy_dtoh_async(self.host[MAP_NAME][: n * h * w], self.device[MAP_NAME], self.stream)
+            cuda.memcpy_dtoh_async(self.host[SCORE_NAME][:n], self.device[SCORE_NAME], self.stream)
+            self.stream.synchronize()
+        finally:
+            self._ctx.pop()
+        # Copies: the pinned buffers are overwritten by the next frame while sinks still hold these.
+        maps = self.host[MAP_NAME][: n * h * w].reshape(n, h, w).astype(np.float32, copy=True)
+        scores = self.host[SCORE_NAME][:n].astype(np.float32, copy=True)
+        return maps, scores
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None) is None:
+            return
+        self._ctx.push()
+        try:
+            for mem in self.device.values():
+                mem.free()
+            self.device.clear()
+            self.context = None
+            self.engine = None
+        finally:
+            self._ctx.pop()
+            self._ctx.detach()
+            self._ctx = None
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("EDGESTAD_CACHE_DIR") or os.environ.get("CACHE_DIRECTORY")  # systemd CacheDirectory=
+    if base:
+        return Path(base.split(":")[0])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgestad"
+
+
+def onnx_files(bundle_dir: Path, manifest: Mapping[str, Any]) -> dict[str, Path]:
+    """precision -> ONNX file that exists in the bundle."""
+    exports = manifest.get("exports") or {}
+    listed = exports.get("onnx")
+    mapping: dict[str, str] = {}
+    if isinstance(listed, Mapping):
+        for prec, entry in listed.items():
+            if isinstance(entry, str):
+                mapping[str(prec)] = entry
+            elif isinstance(entry, Mapping) and (entry.get("file") or entry.get("path")):
+                mapping[str(prec)] = str(entry.get("file") or entry.get("path"))
+    elif isinstance(listed, str):
+        mapping["fp32"] = listed
+    for prec, name in DEFAULT_ONNX_FILES.items():
+        mapping.setdefault(prec, name)
+    return {p: bundle_dir / n for p, n in mapping.items() if (bundle_dir / n).is_file()}
+
+
+def _manifest_hash(manifest: Mapping[str, Any], path: Path) -> str | None:
+    files = manifest.get("files") or {}
+    value = files.get(path.name)
+    if isinstance(value, Mapping):
+        value = value.get("sha256")
+    return value if isinstance(value, str) else None
+
+
+def _pick_precision(available: Sequence[str], wanted: str | None, gpu: bool, what: str) -> str:
+    if wanted:
+        if wanted not in PRECISIONS:
+            raise BackendError(f"unknown precision {wanted!r}; choose one of {PRECISIONS}")
+        if wanted not in available:
+            raise BackendError(f"no {wanted} {what} in the bundle (available: {sorted(available) or 'none'})")
+        return wanted
+    # FP16 on a GPU (the accuracy cost is measured at export); FP32 on CPU, where FP16 is slower.
+    # INT8 only when asked for: its accuracy cost depends on the calibration set.
+    order = ("fp16", "fp32", "int8") if gpu else ("fp32", "fp16", "int8")
+    for p in order:
+        if p in available:
+            return p
+    raise BackendError(f"the bundle has no {what}")
+
+
+def select_backend(
+    bundle_dir: str | os.PathLike,
+    manifest: Mapping[str, Any],
+    name: str = "auto",
+    precision: str | None = None,
+    *,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int | None = None,
+    trt_cache_dir: str | os.PathLike | None = None,
+) -> Backend:
+    """The backend for ``bundle_dir``: ``auto``, ``tensorrt`` or ``onnxruntime``."""
+    bundle_dir = Path(bundle_dir)
+    if name not in ("auto", "tensorrt", "onnxruntime"):
+        raise BackendError(f"unknown backend {name!r}; choose auto, tensorrt or onnxruntime")
+    reasons = []
+    if name in ("auto", "tensorrt"):
+        engines = list_engines(bundle_dir, manifest)
+        if not engines:
+            reasons.append("the bundle has no TensorRT engine")
+        elif not tensorrt_importable():
+            reasons.append("tensorrt/pycuda are not installed")
+        else:
+            backend, why = _try_engines(engines, manifest, precision)
+            if backend is not None:
+                return backend
+            reasons.extend(why)
+        if name == "tensorrt":
+            raise BackendError("TensorRT backend unavailable: " + "; ".join(reasons))
+        log.info("not using TensorRT: %s", "; ".join(reasons))
+    available = ort_providers_in_order() if providers is None else list(providers)
+    files = onnx_files(bundle_dir, manifest)
+    if not files:
+        raise BackendError(f"{bundle_dir}: no ONNX graph (model.onnx) and no usable TensorRT engine; run `edgestad export` first")
+    gpu = any(p in GPU_PROVIDERS for p in available)
+    prec = _pick_precision(list(files), precision, gpu, "ONNX graph")
+    path = files[prec]
+    return OnnxRuntimeBackend(
+        path,
+        precision=prec,
+        providers=available,
+        intra_op_threads=intra_op_threads,
+        trt_cache_dir=trt_cache_dir,
+        sha256=_manifest_hash(manifest, path),
+    )
+
+
+def _try_engines(engines: list[EngineEntry], manifest, precision):
+    why = []
+    by_prec: dict[str, list[EngineEntry]] = {}
+    for e in engines:
+        by_prec.setdefault(e.precision or "unknown", []).append(e)
+    try:
+        prec = _pick_precision([p for p in by_prec if p in PRECISIONS], precision, True, "TensorRT engine")
+    except BackendError as exc:
+        return None, [str(exc)]
+    for entry in by_prec[prec]:
+        try:
+            return TensorRTBackend(entry, sha256=_manifest_hash(manifest, entry.path)), []
+        except BackendError as exc:
+            why.append(str(exc))
+    return None, why

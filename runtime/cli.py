@@ -1,0 +1,304 @@
+"""``edgestad run`` and ``edgestad service`` (click commands; torch-free).
+
+Registered lazily in the top-level ``edgestad`` group; also runnable on its own as
+``python -m edgestad.runtime.cli run ...`` (that is what the systemd unit and the Docker images
+execute, so they never import anything but the runtime).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import EXIT_OK, EXIT_OUTPUT, ConfigError, RuntimeFailure
+
+log = logging.getLogger("edgestad.runtime")
+
+SOURCE_HELP = "exactly one of --camera, --video, --folder, --url, --gstreamer"
+
+
+def _opt(*decls: str, **kw: Any):
+    kw.setdefault("default", None)
+    return click.option(*decls, **kw)
+
+
+@click.command("run", context_settings={"max_content_width": 110})
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@_opt("--camera", metavar="INDEX|/dev/videoN", help="Camera through V4L2 (OpenCV).")
+@_opt("--video", metavar="PATH", help="Video file (ends when the file ends).")
+@_opt("--folder", metavar="DIR", help="Folder of images, in name order.")
+@_opt("--url", metavar="URL", help="RTSP/HTTP stream (FFmpeg); reconnects when it drops.")
+@_opt("--gstreamer", metavar="PIPELINE", help="GStreamer pipeline ending in appsink (needs an OpenCV with GStreamer).")
+@_opt("--frame-size", metavar="WxH", help="Request this size from the camera and reject frames of any other size.")
+@_opt("--camera-fps", type=float, help="Request this frame rate from the camera.")
+@_opt("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), help="Inference backend [auto].")
+@_opt("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Graph/engine precision [fp16 on GPU, fp32 on CPU].")
+@_opt("--threads", type=int, help="ONNX Runtime intra-op threads.")
+@_opt("--trt-cache", metavar="DIR", help="Engine cache folder for ONNX Runtime's TensorRT EP.")
+@_opt("--image-threshold", type=float, help="Override the bundle's image threshold (NG if score > it).")
+@_opt("--pixel-threshold", type=float, help="Override the bundle's pixel threshold (regions).")
+@_opt("--min-region-area", type=int, help="Smallest region reported, in map pixels [1].")
+@_opt("--display/--no-display", help="Show the overlay in a window (needs OpenCV with GUI).")
+@_opt("--http", metavar="HOST:PORT", help="Serve /, /stream.mjpg, /status, /metrics (host defaults to 127.0.0.1).")
+@_opt("--stream-fps", type=float, help="MJPEG stream rate cap [15].")
+@_opt("--events", metavar="DIR", help="Write events.jsonl (NG and lifecycle events, fsync'd, rotated) here.")
+@_opt("--events-all/--events-ng-only", help="Log OK frames too.")
+@_opt("--events-max-mb", type=float, help="Rotate events.jsonl at this size [10].")
+@_opt("--events-backups", type=int, help="Rotated event files kept [5].")
+@_opt("--save-ng", metavar="DIR", help="Save NG frames, maps, overlays here (atomic, capped).")
+@_opt("--ng-max-mb", type=float, help="Size cap of the NG folder [1024].")
+@_opt("--ng-max-age-days", type=float, help="Age cap of saved NG frames [30].")
+@_opt("--webhook", metavar="URL", help="POST each NG event as JSON to this URL.")
+@_opt("--mqtt", metavar="HOST[:PORT]/TOPIC", help="Publish NG events over MQTT (needs paho-mqtt).")
+@_opt("--max-frames", type=int, help="Stop after this many frames.")
+@_opt("--reconnect-initial", type=float, help="First reconnect delay in s [0.5]; doubles up to --reconnect-max.")
+@_opt("--reconnect-max", type=float, help="Longest reconnect delay in s [30].")
+@_opt("--max-reconnects", type=int, help="Give up after this many failed opens in a row [live: never; files: 0].")
+@_opt("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@_opt("--config", "config_file", type=click.Path(path_type=Path), help="TOML file with any of these options (CLI wins).")
+@click.pass_context
+def run(ctx: click.Context, bundle: Path | None, config_file: Path | None, **options: Any) -> None:
+    """Run anomaly detection on a camera, video, folder, stream or GStreamer pipeline.
+
+    BUNDLE defaults to $EDGESTAD_BUNDLE or `bundle` in ./edgestad.toml. Exit codes: 0 done or
+    stopped by SIGTERM/SIGINT, 2 bad options/config, 3 source unusable, 4 model unusable here,
+    5 output unusable.
+    """
+    from .config import build_config
+
+    if bundle is not None:
+        options["bundle"] = str(bundle)
+    try:
+        cfg = build_config(config_file, options)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(exc.exit_code)
+    _setup_logging(cfg.log_level)
+    try:
+        summary = run_with_config(cfg)
+    except RuntimeFailure as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(exc.exit_code)
+    click.echo(json.dumps({"summary": summary}, sort_keys=True))
+    ctx.exit(EXIT_OK)
+
+
+def _setup_logging(level: str) -> None:
+    root = logging.getLogger("edgestad")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        # journald adds its own timestamps; a terminal user still wants them, they are cheap.
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
+    """Build everything from a RunConfig, run until the source ends or a signal, return the summary.
+
+    ``on_pipeline(pipeline, http_server)`` is called before the run starts (library use).
+    """
+    from edgestad.bundle import BundleError, default_bundle_path, load_bundle
+
+    from .backends import select_backend
+    from .errors import BackendError
+    from .http import OverlayFeed, RuntimeHttpServer
+    from .notify import SystemdNotifier, WatchdogFeeder
+    from .pipeline import Pipeline
+    from .preprocess import InputSpec, Preprocessor
+    from .results import Thresholds
+    from .sinks import DisplaySink, EventLog, MqttSink, NgSaver, WebhookSink
+    from .sources import Backoff, SourceSpec
+
+    kind, target = cfg.source()
+    try:
+        bundle_path = Path(cfg.bundle) if cfg.bundle else default_bundle_path()
+        bundle = load_bundle(bundle_path)
+    except BundleError as exc:
+        raise BackendError(str(exc)) from None
+    manifest_name = f"{bundle.path}/manifest.json"
+    spec = InputSpec.from_manifest(bundle.manifest, manifest_name)
+    thresholds = Thresholds.from_manifest(bundle.manifest, cfg.pixel_threshold, cfg.image_threshold, manifest_name)
+    backend = select_backend(bundle.path, bundle.manifest, cfg.backend, cfg.precision,
+                             intra_op_threads=cfg.threads, trt_cache_dir=cfg.trt_cache)
+    if tuple(backend.input_shape) != (3, spec.height, spec.width):
+        raise BackendError(
+            f"{backend.model_file} takes input {backend.input_shape}, the manifest says 3x{spec.height}x{spec.width}"
+        )
+    log.info("model %s (%s, %s, sha256 %s)", backend.model_file.name, backend.name, backend.precision,
+             backend.model_sha256[:12])
+
+    sinks: list = []
+    server = None
+    feed = None
+    pipeline = None
+    running = False
+    try:
+        if cfg.events:
+            sinks.append(EventLog(cfg.events, max_bytes=int(cfg.events_max_mb * (1 << 20)),
+                                  backups=cfg.events_backups, all_frames=cfg.events_all))
+        if cfg.save_ng:
+            sinks.append(NgSaver(cfg.save_ng, thresholds, max_bytes=int(cfg.ng_max_mb * (1 << 20)),
+                                 max_age_s=cfg.ng_max_age_days * 86400))
+        if cfg.webhook:
+            sinks.append(WebhookSink(cfg.webhook))
+        if cfg.mqtt:
+            sinks.append(MqttSink(cfg.mqtt))
+        if cfg.http:
+            feed = OverlayFeed(thresholds, max_fps=cfg.stream_fps)
+            sinks.append(feed)
+        sinks.extend(extra_sinks)
+        notifier = SystemdNotifier()
+        source_spec = SourceSpec(kind, target, frame_size=cfg.frame_size_wh(), fps=cfg.camera_fps)
+        pipeline = Pipeline(
+            source_spec, backend, Preprocessor(spec, cfg.frame_size_wh()), thresholds, sinks,
+            max_frames=cfg.max_frames,
+            backoff=Backoff(initial=cfg.reconnect_initial, maximum=cfg.reconnect_max),
+            max_reconnects=cfg.max_reconnects, min_region_area=cfg.min_region_area,
+            notifier=notifier, watchdog=WatchdogFeeder.from_environment(notifier),
+            model_info={"bundle": str(bundle.source), "model_file": backend.model_file.name},
+        )
+        if cfg.display:
+            sinks.append(DisplaySink(thresholds, on_quit=pipeline.stop))
+            pipeline.sinks = list(sinks)
+        if cfg.http:
+            host, port = cfg.http_address()
+            server = RuntimeHttpServer(host, port, pipeline.snapshot, feed).start()
+            log.info("serving HTTP on %s (/, /stream.mjpg, /status, /metrics)", server.url)
+        if on_pipeline is not None:
+            on_pipeline(pipeline, server)
+        with _signals_stop(pipeline):
+            running = True
+            summary = pipeline.run()
+    except BaseException:
+        if not running:  # the pipeline never ran, so it did not close the sinks: do it here
+            for s in sinks:
+                try:
+                    s.close()
+                except Exception:  # noqa: BLE001
+                    pass
+        raise
+    finally:
+        if server is not None:
+            server.close()
+        backend.close()
+    log.info("done: %s", pipeline.status_line())
+    return summary.to_dict()
+
+
+class _signals_stop:
+    """SIGTERM/SIGINT -> pipeline.stop(): finish in-flight frames, flush, exit 0."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self.previous = {}
+
+    def _handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.pipeline.stop_event.is_set():
+            log.warning("%s again: already stopping", name)
+            return
+        log.info("%s: stopping capture, finishing in-flight frames, flushing outputs", name)
+        self.pipeline.stop(by_signal=True)
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+# --------------------------------------------------------------------------- service
+
+
+@click.group("service")
+def service() -> None:
+    """Install or print the systemd unit that runs `edgestad run` as a service."""
+
+
+def _unit_options(config: Path, user: str, watchdog: int, write_path: tuple[str, ...], csi: bool, python: str | None):
+    from .service import UnitOptions
+
+    opts = UnitOptions(config=Path(config).absolute(), user=user, group=user, watchdog_s=watchdog,
+                       write_paths=tuple(str(Path(p).absolute()) for p in write_path), csi_camera=csi)
+    if python:
+        opts.python = python
+    return opts
+
+
+def _service_options(f):
+    from .service import DEFAULT_CONFIG_PATH
+
+    f = click.option("--python", default=None, help="Interpreter for ExecStart [this one].")(f)
+    f = click.option("--csi", is_flag=True, help="Allow the Jetson CSI camera (nvargus-daemon socket).")(f)
+    f = click.option("--write-path", multiple=True, help="Extra writable folder (events / NG dirs outside /var/lib/edgestad).")(f)
+    f = click.option("--watchdog", default=30, show_default=True, help="WatchdogSec.")(f)
+    f = click.option("--user", default="edgestad", show_default=True, help="Service user (and group).")(f)
+    f = click.option("--config", "config", default=str(DEFAULT_CONFIG_PATH), show_default=True,
+                     type=click.Path(path_type=Path), help="Config file the service runs with.")(f)
+    return f
+
+
+@service.command("print-unit")
+@_service_options
+def print_unit(config, user, watchdog, write_path, csi, python) -> None:
+    """Print the unit to stdout."""
+    from .service import discover_devices, unit_text
+
+    click.echo(unit_text(_unit_options(config, user, watchdog, write_path, csi, python), discover_devices()), nl=False)
+
+
+@service.command("install")
+@_service_options
+@click.option("--unit-path", default=None, type=click.Path(path_type=Path),
+              help="Where to write the unit [/etc/systemd/system/edgestad.service].")
+@click.pass_context
+def install(ctx, config, user, watchdog, write_path, csi, python, unit_path) -> None:
+    """Write the unit file (then: systemctl daemon-reload && systemctl enable --now edgestad)."""
+    from .config import values_from_file
+    from .service import DEFAULT_UNIT_PATH, discover_devices, install_unit, next_steps, unit_text
+
+    write_paths = list(write_path)
+    if Path(config).is_file():
+        # Output folders named in the config must be writable under ProtectSystem=strict.
+        try:
+            values = values_from_file(config)
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        write_paths += [values[k] for k in ("events", "save_ng", "trt_cache") if values.get(k)]
+    else:
+        click.echo(f"note: {config} does not exist yet; the service needs it before it starts", err=True)
+    opts = _unit_options(config, user, watchdog, tuple(write_paths), csi, python)
+    target = Path(unit_path) if unit_path else DEFAULT_UNIT_PATH
+    try:
+        path = install_unit(unit_text(opts, discover_devices()), target)
+    except OSError as exc:
+        click.echo(f"error: cannot write {target}: {exc} (run as root, or pass --unit-path)", err=True)
+        ctx.exit(EXIT_OUTPUT)
+    click.echo(next_steps(path, opts))
+
+
+@click.group()
+def main() -> None:
+    """edgestad runtime (torch-free entry point)."""
+
+
+main.add_command(run)
+main.add_command(service)
+
+if __name__ == "__main__":
+    main()
