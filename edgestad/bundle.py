@@ -748,6 +748,17 @@ def _check_safetensors_header(bundle: Path, name: str, head: bytes, size: int, r
     clear message instead of "header too large".
     """
     where = f"bundle {bundle}: file {name}"
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    header = None
+    if 2 <= n <= _MAX_SAFETENSORS_HEADER and 8 + n <= size:
+        try:
+            header = json.loads(read_header(n))
+        except (ValueError, UnicodeDecodeError):
+            header = None
+    if isinstance(header, dict):
+        return
+    # Not safetensors. Name the usual mistakes (torch.save output) only now: a valid safetensors
+    # header length can itself start with the pickle opcode byte 0x80 (e.g. 0x1080 bytes).
     if head[:1] == b"\x80":
         raise BundleError(f"{where} is a Python pickle (e.g. torch.save output), not safetensors; "
                           "edgestad never unpickles files - save the weights with safetensors")
@@ -756,16 +767,10 @@ def _check_safetensors_header(bundle: Path, name: str, head: bytes, size: int, r
                           "edgestad never unpickles files - save the weights with safetensors")
     if len(head) < 8:
         raise BundleError(f"{where} is not a safetensors file (only {size} bytes)")
-    n = int.from_bytes(head[:8], "little")
     if n < 2 or n > _MAX_SAFETENSORS_HEADER or 8 + n > size:
         raise BundleError(f"{where} is not a safetensors file (header length {n} does not fit "
                           f"the file size {size})")
-    try:
-        header = json.loads(read_header(n))
-    except (ValueError, UnicodeDecodeError):
-        header = None
-    if not isinstance(header, dict):
-        raise BundleError(f"{where} is not a safetensors file (header is not a JSON object)")
+    raise BundleError(f"{where} is not a safetensors file (header is not a JSON object)")
 
 
 def _check_hash(bundle: Path, name: str, expected: str | None, actual: str) -> None:

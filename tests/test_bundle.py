@@ -420,3 +420,19 @@ def test_default_bundle_path_unset(tmp_path: Path, monkeypatch) -> None:
 def test_bundle_module_does_not_import_torch() -> None:
     code = "import edgestad.bundle, sys; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+def test_safetensors_header_length_starting_with_pickle_byte_is_accepted(bundle_dir: Path) -> None:
+    # Regression: a real bundle's header was 0x1080 bytes long, so its first byte was 0x80, the
+    # pickle PROTO opcode. Only files that fail to parse as safetensors may be called pickles.
+    from safetensors.numpy import save
+    weights = {k: np.ascontiguousarray(v) for k, v in _weights(1).items()}
+    data = save(weights)
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].rstrip(b" ")
+    padded = 0x1080
+    assert len(header) < padded
+    rebuilt = padded.to_bytes(8, "little") + header + b" " * (padded - len(header)) + data[8 + n:]
+    assert rebuilt[:1] == b"\x80"
+    B.add_files(bundle_dir, {"weights.safetensors": rebuilt})
+    _assert_weights_equal(B.load_bundle(bundle_dir).weights(), weights)
