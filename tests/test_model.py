@@ -69,3 +69,9 @@ def test_build_model_rejects_unknown_method_and_keys():
         build_model("padim", {})
     with pytest.raises(ValueError, match="unknown method_config keys"):
         build_model("uninformed_students", {"students": 3})
+
+
+def test_dense_stride_beyond_a_scales_stride_fails_before_training():
+    import pytest
+    with pytest.raises(ValueError, match="p=17"):
+        UninformedStudents(StudentTeacherConfig(patch_sizes=(17, 33), dense_stride=4))

@@ -71,8 +71,10 @@ def train_students(model: UninformedStudents, images: np.ndarray, checkpoint_pat
     generator = torch.Generator().manual_seed(seed)
     state = None
     if checkpoint_path is not None and checkpoint_path.exists():
+        # dense_stride only changes inference (students train on the strided T̂), so a run may
+        # resume with another one.
         state = load_checkpoint(checkpoint_path, expect={"kind": "students",
-                                                          "config": model.config.to_dict()})
+                                                          "config": _training_config(model)})
         model.load_state_dict(state["model"])
         history, done = state["history"], state["done"]
         generator.set_state(state["rng"])
@@ -118,13 +120,17 @@ def train_students(model: UninformedStudents, images: np.ndarray, checkpoint_pat
             done[str(p)] = epoch + 1
             if checkpoint_path is not None:
                 save_checkpoint(checkpoint_path, {
-                    "kind": "students", "config": model.config.to_dict(),
+                    "kind": "students", "config": _training_config(model),
                     "model": model.state_dict(), "history": history, "done": done,
                     "optimizer": optimizer.state_dict(), "optimizer_scale": str(p),
                     "rng": generator.get_state()})
         bar.close()
         students.eval()
     return history
+
+
+def _training_config(model: UninformedStudents) -> dict:
+    return {k: v for k, v in model.config.to_dict().items() if k != "dense_stride"}
 
 
 def _random_region(padded: torch.Tensor, p: int, stride: int, crop_size: int | None,

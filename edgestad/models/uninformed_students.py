@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .patchnet import PatchNet, samples_covering
+from .patchnet import PatchNet, num_poolings, samples_covering
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,6 +52,11 @@ class UninformedStudents(nn.Module):
         super().__init__()
         self.config = config
         c = config
+        for p in c.patch_sizes:   # fail before training, not at the first dense pass after it
+            if c.dense_stride > 2 ** num_poolings(p):
+                raise ValueError(f"dense_stride {c.dense_stride} is larger than the total stride "
+                                 f"{2 ** num_poolings(p)} of the p={p} network; use a dense "
+                                 f"stride ≤ {2 ** num_poolings(p)} or leave out p={p}")
 
         def net(p: int) -> PatchNet:
             return PatchNet(p, c.descriptor_dim, c.width, c.leaky_slope)
