@@ -1,7 +1,6 @@
 """The teachers that ship inside the package: integrity, architecture, and a quality check."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -48,7 +48,61 @@ def num_poolings(patch_size: int) -> int:
     return sum(1 for layer in ARCHITECTURES[patch_size] if layer[0] == "pool")
 
 
-class PatchNet(nn.Module):
+class DenseLayerStack(nn.Module):
+    """The layer walk and the fast dense sampling, shared by ``PatchNet`` and the fused ensemble
+    (``fused.FusedPatchEnsemble``). Subclasses set ``patch_size``, ``layout`` (a row of
+    ``ARCHITECTURES``), ``convs`` (one per "conv" row plus the final 1×1, plain or grouped) and
+    ``leaky_slope``."""
+
+    @property
+    def num_poolings(self) -> int:
+        return num_poolings(self.patch_size)
+
+    def _run(self, x: torch.Tensor, strided_pools: int) -> torch.Tensor:
+        """Shared body: the first `strided_pools` poolings stride 2, the rest stride 1 + dilation."""
+        dilation = 1
+        conv_index = 0
+        pool_index = 0
+        for layer in self.layout:
+            if layer[0] == "conv":
+                conv = self.convs[conv_index]
+                x = F.conv2d(x, conv.weight, conv.bias, dilation=dilation, groups=conv.groups)
+                x = F.leaky_relu(x, self.leaky_slope)
+                conv_index += 1
+            else:
+                if pool_index < strided_pools:
+                    x = F.max_pool2d(x, 2, 2)
+                else:
+                    x = shifted_max_pool(x, dilation)
+                    dilation *= 2
+                pool_index += 1
+        last = self.convs[conv_index]
+        return F.conv2d(x, last.weight, last.bias, groups=last.groups)
+
+    def dense(self, image: torch.Tensor, dense_stride: int = 1,
+              padding_mode: str = "reflect") -> torch.Tensor:
+        """Descriptor map of an N×C×H×W image, sampled every s = dense_stride pixels.
+
+        Output (i, j) is T̂ of the p×p crop centred on pixel (i·s, j·s) (crop rows
+        i·s − p//2 … i·s − p//2 + p − 1) of the image padded with `padding_mode`. There are
+        ceil((H−1)/s) + 1 rows (likewise columns): the last sample lies at or past the last pixel,
+        so the map can be interpolated (align_corners) to every pixel of the image. s = 1 gives H×W.
+        """
+        k = strided_pools_for(dense_stride, self.num_poolings)
+        height, width = image.shape[-2:]
+        rows = samples_covering(height, dense_stride)
+        cols = samples_covering(width, dense_stride)
+        # Enough padding that every output position's full p×p crop exists, plus the slack the
+        # floor of strided poolings needs; the surplus outputs are cropped away below.
+        before = self.patch_size // 2
+        after_h = (rows - 1) * dense_stride + self.patch_size - before - height + 2 ** k
+        after_w = (cols - 1) * dense_stride + self.patch_size - before - width + 2 ** k
+        padded = F.pad(image, (before, after_w, before, after_h), mode=padding_mode)
+        out = self._run(padded, strided_pools=k)
+        return out[..., :rows, :cols]
+
+
+class PatchNet(DenseLayerStack):
     """T̂ of the paper: p×p patch → d-dim descriptor (leaky ReLU between layers, none on the output).
 
     ``forward`` is the plain strided network (what training uses); ``dense`` is the fast dense
@@ -79,56 +133,9 @@ class PatchNet(nn.Module):
     def receptive_field(self) -> int:
         return receptive_field(self.patch_size)
 
-    @property
-    def num_poolings(self) -> int:
-        return num_poolings(self.patch_size)
-
-    def _run(self, x: torch.Tensor, strided_pools: int) -> torch.Tensor:
-        """Shared body: the first `strided_pools` poolings stride 2, the rest stride 1 + dilation."""
-        dilation = 1
-        conv_index = 0
-        pool_index = 0
-        for layer in self.layout:
-            if layer[0] == "conv":
-                x = F.conv2d(x, self.convs[conv_index].weight, self.convs[conv_index].bias,
-                             dilation=dilation)
-                x = F.leaky_relu(x, self.leaky_slope)
-                conv_index += 1
-            else:
-                if pool_index < strided_pools:
-                    x = F.max_pool2d(x, 2, 2)
-                else:
-                    x = shifted_max_pool(x, dilation)
-                    dilation *= 2
-                pool_index += 1
-        last = self.convs[conv_index]
-        return F.conv2d(x, last.weight, last.bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Strided T̂: a p×p input gives a 1×1 descriptor; a larger one gives one every 2^k px."""
         return self._run(x, strided_pools=self.num_poolings)
-
-    def dense(self, image: torch.Tensor, dense_stride: int = 1,
-              padding_mode: str = "reflect") -> torch.Tensor:
-        """Descriptor map of an N×C×H×W image, sampled every s = dense_stride pixels.
-
-        Output (i, j) is T̂ of the p×p crop centred on pixel (i·s, j·s) (crop rows
-        i·s − p//2 … i·s − p//2 + p − 1) of the image padded with `padding_mode`. There are
-        ceil((H−1)/s) + 1 rows (likewise columns): the last sample lies at or past the last pixel,
-        so the map can be interpolated (align_corners) to every pixel of the image. s = 1 gives H×W.
-        """
-        k = strided_pools_for(dense_stride, self.num_poolings)
-        height, width = image.shape[-2:]
-        rows = samples_covering(height, dense_stride)
-        cols = samples_covering(width, dense_stride)
-        # Enough padding that every output position's full p×p crop exists, plus the slack the
-        # floor of strided poolings needs; the surplus outputs are cropped away below.
-        before = self.patch_size // 2
-        after_h = (rows - 1) * dense_stride + self.patch_size - before - height + 2 ** k
-        after_w = (cols - 1) * dense_stride + self.patch_size - before - width + 2 ** k
-        padded = F.pad(image, (before, after_w, before, after_h), mode=padding_mode)
-        out = self._run(padded, strided_pools=k)
-        return out[..., :rows, :cols]
 
 
 def samples_covering(length: int, stride: int) -> int:

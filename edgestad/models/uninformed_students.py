@@ -7,7 +7,7 @@ average (eq. 12) and the upsampling to input resolution. Export is then method-a
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -45,58 +45,31 @@ class StudentTeacherConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-class UninformedStudents(nn.Module):
-    """Teacher + M students per scale. Input: N×3×H×W RGB, values 0..255 (uint8 or float)."""
+def ensemble_error_and_variance(target: torch.Tensor, preds: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regression error e (eq. 9) and predictive variance v (eq. 10), N×h×w each, from the
+    normalised teacher descriptors (N×d×h×w) and the students' predictions (M×N×d×h×w)."""
+    mean_pred = preds.mean(0)
+    error = ((mean_pred - target) ** 2).sum(1)
+    # Variance as the mean squared deviation from the ensemble mean: the same value as
+    # E[||μ_i||²] − ||μ||² without its cancellation in low precision.
+    variance = ((preds - mean_pred) ** 2).sum(2).mean(0)
+    return error, variance
 
-    def __init__(self, config: StudentTeacherConfig):
-        super().__init__()
-        self.config = config
-        c = config
-        for p in c.patch_sizes:   # fail before training, not at the first dense pass after it
-            if c.dense_stride > 2 ** num_poolings(p):
-                raise ValueError(f"dense_stride {c.dense_stride} is larger than the total stride "
-                                 f"{2 ** num_poolings(p)} of the p={p} network; use a dense "
-                                 f"stride ≤ {2 ** num_poolings(p)} or leave out p={p}")
 
-        def net(p: int) -> PatchNet:
-            return PatchNet(p, c.descriptor_dim, c.width, c.leaky_slope)
+class StudentTeacherScoring(nn.Module):
+    """Scoring shared by the separate (``UninformedStudents``) and the fused
+    (``fused.FusedUninformedStudents``) forms: input normalisation, eq. 11, the multi-scale
+    average (eq. 12), upsampling and the image score. Subclasses provide ``config``, the
+    ``input_mean``/``input_std``/``score_stats_<p>`` buffers and ``error_and_variance(x, p)``."""
 
-        self.teachers = nn.ModuleDict({str(p): net(p) for p in c.patch_sizes})
-        self.students = nn.ModuleDict(
-            {str(p): nn.ModuleList(net(p) for _ in range(c.num_students)) for p in c.patch_sizes})
-        self.register_buffer("input_mean", torch.tensor(c.mean).view(1, -1, 1, 1))
-        self.register_buffer("input_std", torch.tensor(c.std).view(1, -1, 1, 1))
-        for p in c.patch_sizes:
-            # Per-channel statistics of the teacher's descriptors on the training images (§3.2).
-            self.register_buffer(f"descriptor_mean_{p}", torch.zeros(1, c.descriptor_dim, 1, 1))
-            self.register_buffer(f"descriptor_std_{p}", torch.ones(1, c.descriptor_dim, 1, 1))
-            # e_mean, e_std, v_mean, v_std on the validation good images (eq. 11).
-            self.register_buffer(f"score_stats_{p}", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    config: StudentTeacherConfig
 
-    # --- pieces -------------------------------------------------------------------------------
     def normalize_input(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() / 255.0 - self.input_mean) / self.input_std
 
-    def descriptor_stats(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self, f"descriptor_mean_{p}"), getattr(self, f"descriptor_std_{p}")
-
-    def teacher_descriptors(self, x: torch.Tensor, p: int) -> torch.Tensor:
-        """Normalised dense teacher descriptors (the students' regression target)."""
-        mean, std = self.descriptor_stats(p)
-        t = self.teachers[str(p)].dense(x, self.config.dense_stride, self.config.padding_mode)
-        return (t - mean) / std
-
     def error_and_variance(self, x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Regression error e (eq. 9) and predictive variance v (eq. 10), N×h×w each."""
-        target = self.teacher_descriptors(x, p)
-        preds = torch.stack([s.dense(x, self.config.dense_stride, self.config.padding_mode)
-                             for s in self.students[str(p)]])          # M×N×d×h×w
-        mean_pred = preds.mean(0)
-        error = ((mean_pred - target) ** 2).sum(1)
-        # Variance as the mean squared deviation from the ensemble mean: the same value as
-        # E[||μ_i||²] − ||μ||² without its cancellation in low precision.
-        variance = ((preds - mean_pred) ** 2).sum(2).mean(0)
-        return error, variance
+        raise NotImplementedError
 
     def scale_score(self, x: torch.Tensor, p: int) -> torch.Tensor:
         """Normalised e + normalised v for one scale (eq. 11), on the sampled grid."""
@@ -127,6 +100,52 @@ class UninformedStudents(nn.Module):
         anomaly_map = self.upsample(fused, height, width)
         image_score = anomaly_map.amax(dim=(1, 2, 3))
         return anomaly_map, image_score
+
+
+class UninformedStudents(StudentTeacherScoring):
+    """Teacher + M students per scale. Input: N×3×H×W RGB, values 0..255 (uint8 or float)."""
+
+    def __init__(self, config: StudentTeacherConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        for p in c.patch_sizes:   # fail before training, not at the first dense pass after it
+            if c.dense_stride > 2 ** num_poolings(p):
+                raise ValueError(f"dense_stride {c.dense_stride} is larger than the total stride "
+                                 f"{2 ** num_poolings(p)} of the p={p} network; use a dense "
+                                 f"stride ≤ {2 ** num_poolings(p)} or leave out p={p}")
+
+        def net(p: int) -> PatchNet:
+            return PatchNet(p, c.descriptor_dim, c.width, c.leaky_slope)
+
+        self.teachers = nn.ModuleDict({str(p): net(p) for p in c.patch_sizes})
+        self.students = nn.ModuleDict(
+            {str(p): nn.ModuleList(net(p) for _ in range(c.num_students)) for p in c.patch_sizes})
+        self.register_buffer("input_mean", torch.tensor(c.mean).view(1, -1, 1, 1))
+        self.register_buffer("input_std", torch.tensor(c.std).view(1, -1, 1, 1))
+        for p in c.patch_sizes:
+            # Per-channel statistics of the teacher's descriptors on the training images (§3.2).
+            self.register_buffer(f"descriptor_mean_{p}", torch.zeros(1, c.descriptor_dim, 1, 1))
+            self.register_buffer(f"descriptor_std_{p}", torch.ones(1, c.descriptor_dim, 1, 1))
+            # e_mean, e_std, v_mean, v_std on the validation good images (eq. 11).
+            self.register_buffer(f"score_stats_{p}", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+
+    # --- pieces -------------------------------------------------------------------------------
+    def descriptor_stats(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"descriptor_mean_{p}"), getattr(self, f"descriptor_std_{p}")
+
+    def teacher_descriptors(self, x: torch.Tensor, p: int) -> torch.Tensor:
+        """Normalised dense teacher descriptors (the students' regression target)."""
+        mean, std = self.descriptor_stats(p)
+        t = self.teachers[str(p)].dense(x, self.config.dense_stride, self.config.padding_mode)
+        return (t - mean) / std
+
+    def error_and_variance(self, x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Regression error e (eq. 9) and predictive variance v (eq. 10), N×h×w each."""
+        target = self.teacher_descriptors(x, p)
+        preds = torch.stack([s.dense(x, self.config.dense_stride, self.config.padding_mode)
+                             for s in self.students[str(p)]])          # M×N×d×h×w
+        return ensemble_error_and_variance(target, preds)
 
     def grid_shape(self, height: int, width: int) -> tuple[int, int]:
         s = self.config.dense_stride
