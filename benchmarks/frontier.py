@@ -16,7 +16,9 @@ Where the AU-PRO numbers come from (nothing is invented; untrained rows say so):
 
     python benchmarks/frontier.py --threads 2                       # timing + AU-PRO lookup
     python benchmarks/frontier.py --reuse-timing --evaluate ../shared/data/mvtec_ad/bottle
-Writes benchmarks/results/frontier.json, frontier.md and frontier.png.
+    python benchmarks/frontier.py --reuse-timing --category magnetic_tile \
+        --evaluate ../shared/data/magnetic_tile/magnetic_tile
+Writes benchmarks/results/frontier_<category>.json, .md and .png.
 """
 from __future__ import annotations
 
@@ -72,23 +74,40 @@ def config_key(patch_sizes, stride, width, descriptor_dim=128, students=3) -> st
 
 
 # ------------------------------------------------------------------------------- AU-PRO
+def bundle_evaluations(bundle_paths: list[Path]) -> list[tuple[dict, dict, str]]:
+    """(method_config, evaluation, source) of each reference bundle.
+
+    The evaluation is the manifest's, else ``<bundle>_eval/metrics.json`` beside the bundle, else
+    the copy benchmarks/real_data.sh commits (``results/<name>_metrics.json`` with the config in
+    ``results/<name>_training.json``), so the frontier can be redrawn without the bundle."""
+    found = []
+    for path in bundle_paths:
+        manifest_file = path / "manifest.json"
+        committed = RESULTS / f"{path.name}_metrics.json", RESULTS / f"{path.name}_training.json"
+        if manifest_file.is_file():
+            manifest = json.loads(manifest_file.read_text())
+            cfg = manifest.get("method_config", {})
+            evaluation = manifest.get("evaluation") or {}
+            metrics_file = path.parent / f"{path.name}_eval" / "metrics.json"
+            if "au_pro" not in evaluation and metrics_file.is_file():
+                evaluation = json.loads(metrics_file.read_text())
+            src = f"{path} evaluation"
+        elif committed[0].is_file() and committed[1].is_file():
+            evaluation = json.loads(committed[0].read_text())
+            cfg = json.loads(committed[1].read_text())["method_config"]
+            src = f"{committed[0].relative_to(HERE.parent)}"
+        else:
+            continue
+        if "au_pro" in evaluation:
+            found.append((cfg, evaluation, f"{src} ({evaluation.get('test_images', '?')} test images)"))
+    return found
+
+
 def aupro_records(bundle_paths: list[Path], cache: list[dict]) -> dict[str, dict]:
     """config key → {"au_pro", "source"} from bundle evaluations and cached variant evaluations."""
     records: dict[str, dict] = {}
-    for path in bundle_paths:
-        manifest_file = path / "manifest.json"
-        if not manifest_file.is_file():
-            continue
-        manifest = json.loads(manifest_file.read_text())
-        cfg = manifest.get("method_config", {})
-        evaluation = manifest.get("evaluation") or {}
-        metrics_file = path.parent / f"{path.name}_eval" / "metrics.json"
-        if "au_pro" not in evaluation and metrics_file.is_file():
-            evaluation = json.loads(metrics_file.read_text())
-        if "au_pro" not in evaluation:
-            continue
+    for cfg, evaluation, src in bundle_evaluations(bundle_paths):
         common = (cfg["dense_stride"], cfg["width"], cfg["descriptor_dim"], cfg["num_students"])
-        src = f"{path} evaluation ({evaluation.get('test_images', '?')} test images)"
         records[config_key(cfg["patch_sizes"], *common)] = {
             "au_pro": evaluation["au_pro"], "source": src,
             "image_auroc": evaluation.get("image_auroc")}
@@ -102,6 +121,11 @@ def aupro_records(bundle_paths: list[Path], cache: list[dict]) -> dict[str, dict
                                          "source": f"{item['bundle']} re-evaluated at "
                                                    f"dense stride {item['dense_stride']}"})
     return records
+
+
+def dataset_name(data: str | Path) -> str:
+    """The category a dataset folder holds (…/mvtec_ad/bottle → bottle)."""
+    return Path(data).name
 
 
 def evaluate_variants(bundle_path: Path, data: Path, variants: list[tuple[list[int], int]],
@@ -250,7 +274,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, category: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -267,7 +291,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax1.set_xscale("log")
     ax1.set_xlabel("GFLOP / frame (256², log)")
     ax1.set_ylabel("AU-PRO (FPR ≤ 0.3)")
-    ax1.set_title("accuracy vs cost (trained configurations)" if trained
+    ax1.set_title(f"{category}: accuracy vs cost (trained configurations)" if trained
                   else "accuracy vs cost: no trained bundle found")
     for r in rows:
         t = r["ort_fp32_b1"]
@@ -306,7 +330,7 @@ def main(runs, category, bundles, threads, iterations, max_seconds, reuse_timing
     from edgestad.bundle import atomic_write_json
     out.mkdir(parents=True, exist_ok=True)
     bundles = list(bundles) or [runs / category]
-    cache_file = out / "frontier_evaluations.json"
+    cache_file = out / "frontier_evaluations.json"   # all categories, one list
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else []
     if eval_data:
         pairs = []
@@ -314,23 +338,29 @@ def main(runs, category, bundles, threads, iterations, max_seconds, reuse_timing
             scales, stride = item.split(":")
             pairs.append(([int(p) for p in scales.split("+")], int(stride)))
         new = evaluate_variants(bundles[0], eval_data, pairs, threads)
-        cache = [c for c in cache if c["key"] not in {n["key"] for n in new}] + new
+        replaced = {(n["key"], dataset_name(n["data"])) for n in new}
+        cache = [c for c in cache
+                 if (c["key"], dataset_name(c["data"])) not in replaced] + new
         atomic_write_json(cache_file, cache)
+    cache = [c for c in cache if dataset_name(c["data"]) == category]
     previous = {}
-    frontier_file = out / "frontier.json"
-    if reuse_timing and frontier_file.is_file():
-        previous = {r["name"]: r for r in json.loads(frontier_file.read_text())["rows"]}
+    frontier_file = out / f"frontier_{category}.json"
+    if reuse_timing:   # latencies do not depend on the category: take them from any frontier file
+        for older in sorted(out.glob("frontier_*.json")):
+            if older.name != cache_file.name:
+                previous.update({r["name"]: r for r in json.loads(older.read_text())["rows"]})
     rows = time_configs(threads, iterations, max_seconds, previous)
     attach_aupro(rows, aupro_records(bundles, cache))
     ref, ref_name = reference(rows)
     atomic_write_json(frontier_file, {
         "schema": "edgestad-frontier/1", "category": category,
         "reference_bundles": [str(b) for b in bundles], "au_pro_reference": ref_name,
+        "evaluations": cache,
         "input_size": BASE["input_size"], "command": " ".join(["python", *sys.argv]),
         "rows": rows})
     table = markdown(rows)
-    (out / "frontier.md").write_text(table + "\n")
-    plot(rows, out / "frontier.png")
+    (out / f"frontier_{category}.md").write_text(table + "\n")
+    plot(rows, out / f"frontier_{category}.png", category)
     click.echo(table)
 
 

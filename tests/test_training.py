@@ -185,3 +185,25 @@ def test_cli_train_and_evaluate(tiny_dataset, tiny_teachers, tmp_path):
     assert (tmp_path / "eval" / "pro_curve.png").stat().st_size > 1000
     assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) >= 3
     assert load_bundle(bundle).manifest["evaluation"]["au_pro"] == report["au_pro"]
+
+
+def test_cli_edge_preset_trains_p65_at_dense_stride_4_and_options_override_it(tiny_dataset,
+                                                                              tiny_teachers,
+                                                                              tmp_path):
+    from click.testing import CliRunner
+    from edgestad.cli import main
+    common = ["--input-size", "80", "--epochs", "1", "--students", "2", "--crop-size", "72",
+              "--device", "cpu"]
+    edge = tmp_path / "edge"   # the shipped p=65 teacher (width 64, d 128)
+    r = CliRunner().invoke(main, ["train", str(tiny_dataset), "--out", str(edge),
+                                  "--preset", "edge", *common])
+    assert r.exit_code == 0, r.output
+    cfg = load_bundle(edge).manifest["method_config"]
+    assert (cfg["patch_sizes"], cfg["dense_stride"], cfg["width"]) == ([65], 4, 64)
+    override = tmp_path / "override"
+    r = CliRunner().invoke(main, ["train", str(tiny_dataset), "--out", str(override),
+                                  "--preset", "edge", "-p", "17", "--dense-stride", "2",
+                                  "--teacher", str(tiny_teachers[17]), *common])
+    assert r.exit_code == 0, r.output
+    cfg = load_bundle(override).manifest["method_config"]
+    assert (cfg["patch_sizes"], cfg["dense_stride"]) == ([17], 2)

@@ -58,16 +58,26 @@ def pretrain_teacher(images, out_dir, patch_size, iterations, batch_size, descri
                f"{json.dumps(meta['holdout_quality'])}")
 
 
+# Scales and dense stride of the two documented starting points (width and d come from the
+# teachers). "edge" is chosen from the accuracy–cost frontier (README "Performance").
+PRESETS = {"paper": {"patch_sizes": (17, 33, 65), "dense_stride": 1},
+           "edge": {"patch_sizes": (65,), "dense_stride": 4}}
+
+
 @click.command("train")
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "bundle", type=click.Path(path_type=Path), required=True,
               help="Bundle directory to write (an interrupted run resumes from <out>.partial).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True,
+              help="paper = p 17 33 65 at dense stride 1 (exact multi-scale); edge = p 65 at "
+              "dense stride 4, the README's recommended edge default (1/53 of the paper's GFLOP). "
+              "-p and --dense-stride override it.")
 @click.option("-p", "--patch-size", "patch_sizes", multiple=True, type=click.Choice(["17", "33", "65"]),
-              help="Scales to train (repeat; default: 17 33 65, the paper's multi-scale model).")
+              help="Scales to train (repeat; default: the preset's).")
 @click.option("--students", "num_students", type=int, default=3, show_default=True, help="M.")
-@click.option("--dense-stride", type=click.Choice(["1", "2", "4", "8"]), default="1",
-              show_default=True, help="1 = exact dense map; s>1 = map sampled every s px, "
-              "upsampled in the graph (s² times cheaper).")
+@click.option("--dense-stride", type=click.Choice(["1", "2", "4", "8"]), default=None,
+              help="1 = exact dense map; s>1 = map sampled every s px, upsampled in the graph "
+              "(up to s² times cheaper); default: the preset's.")
 @click.option("--input-size", type=int, default=256, show_default=True)
 @click.option("--epochs", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=1, show_default=True)
@@ -84,15 +94,16 @@ def pretrain_teacher(images, out_dir, patch_size, iterations, batch_size, descri
               help="Image threshold: this false-positive rate on validation good images.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def train(data, bundle, patch_sizes, num_students, dense_stride, input_size, epochs, batch_size,
+def train(data, bundle, preset, patch_sizes, num_students, dense_stride, input_size, epochs, batch_size,
           lr, crop_size, teachers, val_fraction, pixel_fpr, image_fpr, device, seed):
     """Train students on the good images of DATA (an MVTec category or a plain folder)."""
     from edgestad.models.uninformed_students import StudentTeacherConfig
     from .fit import TrainSettings, train_bundle
 
-    sizes = tuple(sorted(int(p) for p in patch_sizes)) or (17, 33, 65)
+    sizes = tuple(sorted(int(p) for p in patch_sizes)) or PRESETS[preset]["patch_sizes"]
+    stride = int(dense_stride) if dense_stride else PRESETS[preset]["dense_stride"]
     config = StudentTeacherConfig(patch_sizes=sizes, num_students=num_students,
-                                  dense_stride=int(dense_stride),
+                                  dense_stride=stride,
                                   input_size=(input_size, input_size))
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, crop_size=crop_size,
                              val_fraction=val_fraction, pixel_fpr=pixel_fpr, image_fpr=image_fpr,
