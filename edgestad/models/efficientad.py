@@ -2,10 +2,14 @@
 
 Re-created from the published architecture (paper, Appendix A, and anomalib's
 ``src/anomalib/models/image/efficient_ad/torch_model.py``: ``SmallPatchDescriptionNetwork``,
-``Encoder``, ``Decoder``, ``EfficientAdModel`` in eval mode), because anomalib 2.x does not install
-offline here. No anomalib code is imported. The weights are random: the model exists to be timed
-by ``edgestad bench --peer efficientad-s`` with the same harness, input size and backends as ours
-(cost does not depend on the weights). Training it is out of scope.
+``Encoder``, ``Decoder``, ``EfficientAdModel`` in eval mode) rather than imported: anomalib 2.7
+installs here only beside torch 2.14 and the CUDA wheels, too heavy a dependency for a timing
+peer. benchmarks/efficientad_anomalib_check.py runs both in anomalib's own environment with the
+same weights: identical parameter shapes (8,057,856 parameters), identical maps and scores
+(max difference 0.0) and 75.9 GFLOP/frame each (results/efficientad_anomalib_check.json). The
+weights are random: the model exists to be timed by ``edgestad bench --peer efficientad-s`` with
+the same harness, input size and backends as ours (cost does not depend on the weights).
+Training it is out of scope.
 
 Inference path (anomalib, ``padding=False, pad_maps=True``):
 - teacher PDN-S: conv 4×4/128, ReLU, avgpool 2×2/2, conv 4×4/256, ReLU, avgpool 2×2/2,
