@@ -63,6 +63,7 @@ CONFIGS = [
     ("p33 s2 w64", [33], 2, 64, False),
     ("p33 s4 w64", [33], 4, 64, False),
     ("p17 s2 w64", [17], 2, 64, False),
+    ("p17+65 s2 w64", [17, 65], 2, 64, False),
     ("multi-scale s2 w32", MS, 2, 32, False),
 ]
 DEFAULT_VARIANTS = "65:4,65:8,33+65:4,33:4,65:1,17+33+65:1"
