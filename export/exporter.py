@@ -57,6 +57,7 @@ class ExportOptions:
     force: bool = False               # re-export even when the bundle's graphs are current
     threads: int | None = None        # ONNX Runtime intra-op threads for parity runs
     batch_size: int = 4               # images per ONNX Runtime / torch call in parity runs
+    fused: bool = False               # export the fused teacher+students form (edgestad.models.fused)
 
 
 @dataclass
@@ -129,6 +130,10 @@ def _graph_metadata(bundle: Bundle, precision: str, opset: int, extra: dict) -> 
     }
 
 
+def _form(options: ExportOptions) -> str:
+    return "fused" if options.fused else "separate"
+
+
 def _reusable(meta: dict, precision: str, bundle: Bundle, options: ExportOptions,
               fp32_sha: str | None) -> str | None:
     """None when a stored graph can be reused, else why not."""
@@ -142,6 +147,10 @@ def _reusable(meta: dict, precision: str, bundle: Bundle, options: ExportOptions
         (meta.get("opset") == str(options.opset), f"opset {meta.get('opset')} != {options.opset}"),
         (meta.get("producer_version") == edgestad.__version__, "made by another edgestad version"),
     ]
+    if precision == "fp32":
+        form = _form(options)
+        checks.append((meta.get("network_form", "separate") == form,
+                       f"network form {meta.get('network_form', 'separate')} != {form}"))
     if precision != "fp32":
         checks.append((meta.get("source_fp32_sha256") == fp32_sha, "fp32 graph changed"))
     if precision == "int8":
@@ -214,13 +223,22 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
     models: dict[str, onnx.ModelProto] = {}
     if "fp32" in new:
         from .onnx_export import export_fp32
-        log(f"exporting fp32 graph (opset {options.opset}) from the torch model ...")
-        models["fp32"] = export_fp32(torch_model, bundle.input_size, options.opset)
-        details["fp32"] = {"rule": "float32 everywhere (reference graph)"}
+        graph_source = torch_model
+        if options.fused:
+            # Teacher and students of each scale as one network (grouped convolutions); parity
+            # below still compares with the separate torch networks.
+            from edgestad.models.fused import fuse_model
+            graph_source = fuse_model(torch_model)
+        log(f"exporting fp32 graph (opset {options.opset}, {_form(options)} networks) from the "
+            "torch model ...")
+        models["fp32"] = export_fp32(graph_source, bundle.input_size, options.opset)
+        details["fp32"] = {"rule": "float32 everywhere (reference graph)",
+                           "network_form": _form(options)}
     fp32_model = models.get("fp32") or onnx.load_from_string(graphs["fp32"])
     if "fp32" in models:
         set_metadata(fp32_model, _graph_metadata(bundle, "fp32", options.opset,
                                                  {"precision_rule": details["fp32"]["rule"],
+                                                  "network_form": _form(options),
                                                   "torch_version": _versions()["torch"] or ""}))
         graphs["fp32"] = fp32_model.SerializeToString()
     fp32_sha = sha256_bytes(graphs["fp32"])

@@ -230,6 +230,37 @@ def test_card_form_reuses_current_graphs_and_drops_stale_engines(exported, tmp_p
         json.dumps({"images": 3, "method": "minmax"}, sort_keys=True)
 
 
+def test_fused_export_is_one_grouped_network_per_scale_with_the_same_maps(exported, tmp_path):
+    bundle_dir, _ = exported
+    work = tmp_path / "bundle"
+    import shutil
+    shutil.copytree(bundle_dir, work)
+    result = CliRunner().invoke(main, ["export", str(work), "-p", "fp32", "--fused",
+                                       "--no-accuracy", *FAST])
+    assert result.exit_code == 0, result.output
+    assert "network form separate != fused" in result.output   # the separate graph was replaced
+    fused = onnx.load(str(work / "model.onnx"))
+    assert G.read_metadata(fused)["network_form"] == "fused"
+    groups = [next((a.i for a in n.attribute if a.name == "group"), 1)
+              for n in fused.graph.node if n.op_type == "Conv"]
+    students = load_bundle(work).manifest["method_config"]["num_students"]
+    assert set(groups) == {1, students + 1}          # stacked first convs, grouped ones after
+    separate = onnx.load(str(bundle_dir / "model.onnx"))
+    assert sum(n.op_type == "Conv" for n in fused.graph.node) * (students + 1) == \
+        sum(n.op_type == "Conv" for n in separate.graph.node)
+    images = _images(3, seed=7)
+    got = ort.InferenceSession(str(work / "model.onnx"),
+                               providers=["CPUExecutionProvider"]).run(None, {"images": images})
+    ref = ort.InferenceSession(str(bundle_dir / "model.onnx"),
+                               providers=["CPUExecutionProvider"]).run(None, {"images": images})
+    assert np.abs(got[0] - ref[0]).max() / np.abs(ref[0]).max() <= 1e-4
+    report = json.loads((work / "export_report.json").read_text())
+    assert report["graphs"]["fp32"]["parity"]["vs_torch"]["passed"]
+    # Asking for the separate form again re-exports (and says why).
+    result = CliRunner().invoke(main, ["export", str(work), "-p", "fp32", "--no-accuracy", *FAST])
+    assert result.exit_code == 0 and "network form fused != separate" in result.output
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
