@@ -182,15 +182,15 @@ def evaluate_variants(bundle_path: Path, data: Path, variants: list[tuple[list[i
 
 # -------------------------------------------------------------------------------- timing
 def time_configs(threads: int, iterations: int, max_seconds: float, previous: dict) -> list[dict]:
-    from edgestad.bench import (Subject, fused_model, peer_model, random_uninformed_students,
-                                run_bench)
+    from edgestad.bench import Subject, peer_model, random_uninformed_students, run_bench
+    from edgestad.models.fused import fuse_model
     rows = []
     size = tuple(BASE["input_size"])
     subjects = []
     for name, ps, stride, width, fused in CONFIGS:
         cfg = dict(BASE, patch_sizes=ps, dense_stride=stride, width=width)
         model = random_uninformed_students(cfg)
-        subjects.append((name, cfg, fused, Subject(name, fused_model(model) if fused else model,
+        subjects.append((name, cfg, fused, Subject(name, fuse_model(model) if fused else model,
                                                    "random weights", "uninformed_students",
                                                    model.config.to_dict(), fused=fused)))
     subjects.append(("EfficientAD-S (peer)", {"input_size": list(size)}, False,

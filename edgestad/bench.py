@@ -40,7 +40,6 @@ BACKENDS = ("torch", "ort-fp32", "ort-fp16", "ort-int8", "torch-cuda", "torch-cu
 PEERS = ("efficientad-s",)
 SCHEMA = "edgestad-bench/1"
 INPUT_NAME, OUTPUT_NAMES = "images", ("anomaly_map", "image_score")
-INT8_OPS = ["Conv"]
 
 
 # ----------------------------------------------------------------------------------- models
@@ -94,11 +93,6 @@ def peer_model(name: str, input_size: tuple[int, int], seed: int = 0):
                              param_hint="--peer")
 
 
-def fused_model(model):
-    from edgestad.models.fused import fuse_model
-    return fuse_model(model)
-
-
 # -------------------------------------------------------------------------------- counting
 def count_gflops(model, input_size: tuple[int, int]) -> float:
     """GFLOP (2·MAC) of one frame, counted by FlopCounterMode on a meta-device copy."""
@@ -149,8 +143,8 @@ def onnx_conv_gflops(path: Path) -> float | None:
 
 # ------------------------------------------------------------------------------- ONNX graphs
 # The graphs are made by edgestad.export (the same exporter, FP16 rule and INT8 Q/DQ rule that
-# `edgestad export` writes into bundles), so the bench times what would ship. Should that package
-# be missing or fail on a model, a plain fallback keeps the bench usable and the report says so.
+# `edgestad export` writes into bundles), so the bench times what would ship. Should the exporter
+# fail on a model (a peer, say), a plain torch.onnx export keeps it timeable and the report says so.
 def export_onnx(model, path: Path, input_size: tuple[int, int]) -> tuple[Path, str]:
     """fp32 graph with the project's I/O contract (dynamic batch) → (path, how it was made)."""
     path = Path(path)
@@ -183,45 +177,17 @@ def warnings_quiet():
 def convert_fp16(src: Path, dst: Path) -> tuple[Path, str]:
     """FP16 convolutions, FP32 I/O and scoring (edgestad.export's rule)."""
     import onnx
-    model = onnx.load(str(src))
-    try:
-        from edgestad.export.precision import to_fp16
-        onnx.save(to_fp16(model)[0], str(dst))
-        return dst, "edgestad.export.precision.to_fp16"
-    except ImportError:
-        from onnxconverter_common import float16
-        with warnings_quiet():
-            # No block list: onnxconverter-common's block-list path is quadratic in graph size.
-            half = float16.convert_float_to_float16(model, keep_io_types=True)
-        onnx.save(half, str(dst))
-        return dst, "onnxconverter-common fallback (whole graph fp16)"
+    from edgestad.export.precision import to_fp16
+    onnx.save(to_fp16(onnx.load(str(src)))[0], str(dst))
+    return dst, "edgestad.export.precision.to_fp16"
 
 
 def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> tuple[Path, str]:
     """Static QDQ INT8 of the convolutions (edgestad.export's rule), calibrated on ``calibration``."""
     import onnx
-    try:
-        from edgestad.export.precision import to_int8
-    except ImportError:
-        to_int8 = None
-    if to_int8 is not None:
-        onnx.save(to_int8(onnx.load(str(src)), calibration)[0], str(dst))
-        return dst, "edgestad.export.precision.to_int8"
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{INPUT_NAME: calibration[i:i + 1]} for i in range(len(calibration))])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    with warnings_quiet():
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        per_channel=True, op_types_to_quantize=INT8_OPS)
-    return dst, "onnxruntime quantize_static fallback (QDQ, Conv only)"
+    from edgestad.export.precision import to_int8
+    onnx.save(to_int8(onnx.load(str(src)), calibration)[0], str(dst))
+    return dst, "edgestad.export.precision.to_int8"
 
 
 def calibration_images(folder: Path | None, input_size: tuple[int, int], count: int,
@@ -245,13 +211,8 @@ class NotAvailable(Exception):
 
 
 def ort_runner(path: Path, threads: int | None) -> Callable[[np.ndarray], tuple]:
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from edgestad.export.parity import ort_session
+    session = ort_session(str(path), threads)
     return lambda batch: tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}))
 
 
@@ -316,25 +277,12 @@ def tensorrt_runner(onnx_path: Path, batch: np.ndarray) -> Callable[[np.ndarray]
     except ImportError:
         raise NotAvailable("tensorrt Python package not installed") from None
     import torch
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
+    from edgestad.export.tensorrt_build import build_engine
     shape = tuple(batch.shape)
-    profile.set_shape(INPUT_NAME, shape, shape, shape)
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
-    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    # The engine `edgestad export` builds (strongly typed, same workspace), tuned for this batch.
+    built = build_engine(Path(onnx_path).read_bytes(), "fp16", shape[1:], batch=shape[0],
+                         max_batch=shape[0], log=lambda message: None)
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(built.plan)
     context = engine.create_execution_context()
     context.set_input_shape(INPUT_NAME, shape)
     device_in = torch.from_numpy(batch).cuda()
@@ -716,7 +664,8 @@ def build_subjects(bundle, patch_sizes, students, descriptor_dim, width, dense_s
     if fused in ("no", "both"):
         subjects.append(base)
     if fused in ("yes", "both"):
-        subjects.append(Subject("ours-fused", fused_model(base.model), base.source, base.method,
+        from edgestad.models.fused import fuse_model
+        subjects.append(Subject("ours-fused", fuse_model(base.model), base.source, base.method,
                                 base.method_config, fused=True))
     for name in peers:
         subjects.append(Subject(name, peer_model(name, size, seed),
