@@ -46,6 +46,8 @@ def _opt(*decls: str, **kw: Any):
 @_opt("--min-region-area", type=int, help="Smallest region reported, in map pixels [1].")
 @_opt("--display/--no-display", help="Show the overlay in a window (needs OpenCV with GUI).")
 @_opt("--http", metavar="HOST:PORT", help="Serve /, /stream.mjpg, /status, /metrics (host defaults to 127.0.0.1).")
+@_opt("--http-read-timeout", type=float, metavar="S", help="Close an HTTP connection silent this long [30].")
+@_opt("--http-max-clients", type=int, metavar="N", help="HTTP connections served at once; more get 503 [32].")
 @_opt("--stream-fps", type=float, help="MJPEG stream rate cap [15].")
 @_opt("--events", metavar="DIR", help="Write events.jsonl (NG and lifecycle events, fsync'd, rotated) here.")
 @_opt("--events-all/--events-ng-only", help="Log OK frames too.")
@@ -54,8 +56,11 @@ def _opt(*decls: str, **kw: Any):
 @_opt("--save-ng", metavar="DIR", help="Save NG frames, maps, overlays here (atomic, capped).")
 @_opt("--ng-max-mb", type=float, help="Size cap of the NG folder [1024].")
 @_opt("--ng-max-age-days", type=float, help="Age cap of saved NG frames [30].")
-@_opt("--webhook", metavar="URL", help="POST each NG event as JSON to this URL.")
+@_opt("--webhook", metavar="URL", help="POST each NG event as JSON to this URL (retried until delivered).")
+@_opt("--webhook-outbox", metavar="DIR", help="Undelivered webhook events, kept across restarts [EVENTS/webhook-outbox].")
+@_opt("--webhook-outbox-max", type=int, metavar="N", help="Events the webhook outbox holds; then the oldest go [10000].")
 @_opt("--mqtt", metavar="HOST[:PORT]/TOPIC", help="Publish NG events over MQTT (needs paho-mqtt).")
+@_opt("--mqtt-queue", type=int, metavar="N", help="MQTT messages held while the broker is away; more are dropped [1000].")
 @_opt("--max-frames", type=int, help="Stop after this many frames.")
 @_opt("--reconnect-initial", type=float, help="First reconnect delay in s [0.5]; doubles up to --reconnect-max.")
 @_opt("--reconnect-max", type=float, help="Longest reconnect delay in s [30].")
@@ -147,9 +152,9 @@ def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
             sinks.append(NgSaver(cfg.save_ng, thresholds, max_bytes=int(cfg.ng_max_mb * (1 << 20)),
                                  max_age_s=cfg.ng_max_age_days * 86400))
         if cfg.webhook:
-            sinks.append(WebhookSink(cfg.webhook))
+            sinks.append(WebhookSink(cfg.webhook, outbox_dir=webhook_outbox_dir(cfg), max_outbox=cfg.webhook_outbox_max))
         if cfg.mqtt:
-            sinks.append(MqttSink(cfg.mqtt))
+            sinks.append(MqttSink(cfg.mqtt, queue_size=cfg.mqtt_queue))
         if cfg.http:
             feed = OverlayFeed(thresholds, max_fps=cfg.stream_fps)
             sinks.append(feed)
@@ -169,7 +174,8 @@ def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
             pipeline.sinks = list(sinks)
         if cfg.http:
             host, port = cfg.http_address()
-            server = RuntimeHttpServer(host, port, pipeline.snapshot, feed).start()
+            server = RuntimeHttpServer(host, port, pipeline.snapshot, feed, read_timeout_s=cfg.http_read_timeout,
+                                       max_clients=cfg.http_max_clients).start()
             log.info("serving HTTP on %s (/, /stream.mjpg, /status, /metrics)", server.url)
         if on_pipeline is not None:
             on_pipeline(pipeline, server)
@@ -190,6 +196,15 @@ def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
         backend.close()
     log.info("done: %s", pipeline.status_line())
     return summary.to_dict()
+
+
+def webhook_outbox_dir(cfg) -> str | None:
+    """The webhook outbox folder: ``webhook_outbox``, else ``<events>/webhook-outbox``, else none (memory)."""
+    if cfg.webhook_outbox:
+        return cfg.webhook_outbox
+    if cfg.events:
+        return str(Path(cfg.events) / "webhook-outbox")
+    return None
 
 
 class _signals_stop:
@@ -252,13 +267,32 @@ def _service_options(f):
     return f
 
 
+def _config_write_paths(ctx: click.Context, config: Path) -> list[str]:
+    """Output folders named in the config, which must be writable under ProtectSystem=strict."""
+    from .config import values_from_file
+
+    if not Path(config).is_file():
+        click.echo(f"note: {config} does not exist yet; the service needs it before it starts", err=True)
+        return []
+    try:
+        values = values_from_file(config)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(exc.exit_code)
+    paths = [values[k] for k in ("events", "save_ng", "trt_cache", "webhook_outbox") if values.get(k)]
+    return paths
+
+
 @service.command("print-unit")
 @_service_options
-def print_unit(config, user, watchdog, write_path, csi, python) -> None:
-    """Print the unit to stdout."""
+@click.pass_context
+def print_unit(ctx, config, user, watchdog, write_path, csi, python) -> None:
+    """Print the unit to stdout (the same text `install` writes for the same options)."""
     from .service import discover_devices, unit_text
 
-    click.echo(unit_text(_unit_options(config, user, watchdog, write_path, csi, python), discover_devices()), nl=False)
+    write_paths = list(write_path) + _config_write_paths(ctx, config)
+    opts = _unit_options(config, user, watchdog, tuple(write_paths), csi, python)
+    click.echo(unit_text(opts, discover_devices()), nl=False)
 
 
 @service.command("install")
@@ -268,20 +302,9 @@ def print_unit(config, user, watchdog, write_path, csi, python) -> None:
 @click.pass_context
 def install(ctx, config, user, watchdog, write_path, csi, python, unit_path) -> None:
     """Write the unit file (then: systemctl daemon-reload && systemctl enable --now edgestad)."""
-    from .config import values_from_file
     from .service import DEFAULT_UNIT_PATH, discover_devices, install_unit, next_steps, unit_text
 
-    write_paths = list(write_path)
-    if Path(config).is_file():
-        # Output folders named in the config must be writable under ProtectSystem=strict.
-        try:
-            values = values_from_file(config)
-        except ConfigError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
-        write_paths += [values[k] for k in ("events", "save_ng", "trt_cache") if values.get(k)]
-    else:
-        click.echo(f"note: {config} does not exist yet; the service needs it before it starts", err=True)
+    write_paths = list(write_path) + _config_write_paths(ctx, config)
     opts = _unit_options(config, user, watchdog, tuple(write_paths), csi, python)
     target = Path(unit_path) if unit_path else DEFAULT_UNIT_PATH
     try:
@@ -289,7 +312,7 @@ def install(ctx, config, user, watchdog, write_path, csi, python, unit_path) -> 
     except OSError as exc:
         click.echo(f"error: cannot write {target}: {exc} (run as root, or pass --unit-path)", err=True)
         ctx.exit(EXIT_OUTPUT)
-    click.echo(next_steps(path, opts))
+    click.echo(next_steps(path, opts, config_exists=Path(config).is_file()))
 
 
 @click.group()

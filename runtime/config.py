@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 SOURCE_KEYS = ("camera", "video", "folder", "url", "gstreamer")
-PATH_KEYS = ("bundle", "video", "folder", "events", "save_ng", "trt_cache")
+PATH_KEYS = ("bundle", "video", "folder", "events", "save_ng", "trt_cache", "webhook_outbox")
 
 
 @dataclass
@@ -44,6 +44,8 @@ class RunConfig:
     # outputs
     display: bool = False
     http: str | None = None  # "HOST:PORT"; default host 127.0.0.1
+    http_read_timeout: float = 30.0  # s a connection may stay silent (idle keep-alive, slow request) before it is closed
+    http_max_clients: int = 32  # connections served at once; more get HTTP 503
     stream_fps: float = 15.0  # MJPEG stream rate cap (encoding costs CPU)
     events: str | None = None  # folder for events.jsonl
     events_all: bool = False  # log OK frames too, not only NG and lifecycle events
@@ -53,7 +55,10 @@ class RunConfig:
     ng_max_mb: float = 1024.0
     ng_max_age_days: float = 30.0
     webhook: str | None = None
+    webhook_outbox: str | None = None  # undelivered webhook events (default: <events>/webhook-outbox)
+    webhook_outbox_max: int = 10000  # events kept in the outbox; beyond that the oldest is dropped
     mqtt: str | None = None  # "host:port/topic"
+    mqtt_queue: int = 1000  # MQTT messages held while the broker is away; beyond that new ones are dropped
     # run control
     max_frames: int | None = None
     reconnect_initial: float = 0.5
@@ -190,22 +195,32 @@ def build_config(config_file: str | os.PathLike | None, cli_values: Mapping[str,
             if cli_values.get(k) in (None, ""):
                 values.pop(k, None)
     cfg = RunConfig(**values)
-    _validate(cfg, str(config_file) if config_file else "command line")
+    origin = str(config_file) if config_file else "command line"
+    cli_source = any(cli_values.get(k) not in (None, "") for k in SOURCE_KEYS)
+    _validate(cfg, origin, source_origin="command line" if cli_source else origin)
     return cfg
 
 
-def _validate(cfg: RunConfig, origin: str) -> None:
+def _validate(cfg: RunConfig, origin: str, source_origin: str | None = None) -> None:
     if cfg.backend not in ("auto", "onnxruntime", "tensorrt"):
         raise ConfigError(f"{origin}: backend must be auto, onnxruntime or tensorrt, got {cfg.backend!r}")
     if cfg.precision not in (None, "fp32", "fp16", "int8"):
         raise ConfigError(f"{origin}: precision must be fp32, fp16 or int8, got {cfg.precision!r}")
-    for key in ("events_max_mb", "ng_max_mb", "ng_max_age_days", "stream_fps", "reconnect_initial", "reconnect_max"):
+    chosen = [k for k in SOURCE_KEYS if getattr(cfg, k) not in (None, "")]
+    if len(chosen) > 1:
+        raise ConfigError(f"{source_origin or origin}: more than one source given ({', '.join(chosen)}); use exactly one of "
+                          + ", ".join(SOURCE_KEYS))
+    for key in ("events_max_mb", "ng_max_mb", "ng_max_age_days", "stream_fps", "reconnect_initial", "reconnect_max",
+                "http_read_timeout"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{origin}: {key} must be > 0, got {getattr(cfg, key)}")
     for key in ("max_frames", "max_reconnects", "events_backups", "threads", "min_region_area"):
         v = getattr(cfg, key)
         if v is not None and v < 0:
             raise ConfigError(f"{origin}: {key} must be >= 0, got {v}")
+    for key in ("http_max_clients", "webhook_outbox_max", "mqtt_queue"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{origin}: {key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.frame_size:
         cfg.frame_size_wh()
     if cfg.http:
@@ -227,7 +242,11 @@ if __name__ == "__main__":
     if sys.argv[1] == "--example":
         print(example_config_text(), end="")
         sys.exit(0)
+    # The same checks as `edgestad run --config FILE` (a service config must name its one source).
     try:
-        print(build_config(sys.argv[1], {}))
+        checked = build_config(sys.argv[1], {})
+        checked.source()
     except ConfigError as exc:
-        sys.exit(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    print(checked)

@@ -7,6 +7,18 @@ meant for the plant network without a reverse proxy in front.
 
 Overlays are JPEG-encoded lazily: only while a client watches, at most ``max_fps`` per second,
 once per frame whatever the number of clients. Without viewers the stream costs nothing.
+
+Limits, so that a misbehaving client or a burst on a plant network cannot exhaust the runtime:
+
+- ``read_timeout_s`` (default 30 s, ``http_read_timeout``): a connection that sends nothing for that
+  long (an idle keep-alive, a half-sent request) is closed and its thread ends. The same timeout
+  bounds each socket write, so a stream viewer that stops reading is dropped too.
+- ``max_clients`` (default 32, ``http_max_clients``): connections served at once (one thread
+  each, MJPEG viewers included). Beyond that a connection is answered ``503 Service Unavailable``
+  with ``Retry-After`` by one small rejector thread and closed, instead of starting a thread.
+- ``backlog`` (128): the listen queue, so a burst of connects waits for ``accept`` instead of
+  being refused by the kernel.
+- ``HEAD`` is answered for every path (headers only).
 """
 
 from __future__ import annotations
@@ -14,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
+import socket
 import threading
 import time
 from http import HTTPStatus
@@ -179,30 +193,137 @@ _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>edgestad</tit
 <style>body{{font-family:sans-serif;margin:1em;background:#111;color:#eee}}img{{max-width:100%}}
 pre{{background:#222;padding:.5em}}</style></head><body>
 <h1>edgestad</h1><p>{source} &middot; {backend}</p>
-<img src="/stream.mjpg" alt="overlay stream">
+<p>OK <b id="ok">-</b> &middot; NG <b id="ng">-</b></p>
+<img id="stream" src="/stream.mjpg" alt="overlay stream">
 <p><a href="/status">/status</a> &middot; <a href="/metrics">/metrics</a></p>
 <pre id="s"></pre>
 <script>setInterval(()=>fetch('/status').then(r=>r.json()).then(j=>{{
+document.getElementById('ok').textContent=j.frames_processed-j.ng_count;
+document.getElementById('ng').textContent=j.ng_count;
 document.getElementById('s').textContent=JSON.stringify({{fps:j.fps_recent,latency_ms:j.latency_ms,
 frames:j.frames_processed,ng:j.ng_count,dropped:j.frames_dropped,reconnects:j.reconnects}},null,1)}}),1000)</script>
 </body></html>"""
 
 
-class RuntimeHttpServer:
-    """Serves the runtime's HTTP endpoints from daemon threads."""
+DEFAULT_READ_TIMEOUT_S = 30.0
+DEFAULT_MAX_CLIENTS = 32
+DEFAULT_BACKLOG = 128
 
-    def __init__(self, host: str, port: int, snapshot: Callable[[], dict], feed: OverlayFeed):
+_BUSY_BODY = b"too many connections; retry later\n"
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+         b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n"
+         % len(_BUSY_BODY)) + _BUSY_BODY
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on connections served at once; the rest get a 503."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_clients: int, backlog: int):
+        self.max_clients = int(max_clients)
+        self.request_queue_size = int(backlog)  # read by server_activate() -> listen(backlog)
+        self.active = 0
+        self.rejected = 0
+        self.served = 0
+        self._count_lock = threading.Lock()
+        # Rejections are answered by one thread, never one per connection; a flood beyond this
+        # queue is closed without an answer.
+        self._reject_q: queue.Queue = queue.Queue(maxsize=256)
+        self._rejector = threading.Thread(target=self._reject_loop, name="edgestad-http-503", daemon=True)
+        super().__init__(address, handler)
+        self._rejector.start()
+
+    def process_request(self, request, client_address):
+        with self._count_lock:
+            admit = self.active < self.max_clients
+            if admit:
+                self.active += 1
+                self.served += 1
+            else:
+                self.rejected += 1
+        if admit:
+            try:
+                super().process_request(request, client_address)  # starts the connection's thread
+            except BaseException:
+                self._release()
+                raise
+            return
+        try:
+            self._reject_q.put_nowait(request)
+        except queue.Full:
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._count_lock:
+            self.active -= 1
+
+    def _reject_loop(self) -> None:
+        while True:
+            sock = self._reject_q.get()
+            if sock is None:
+                return
+            try:
+                sock.settimeout(0.5)
+                sock.sendall(_BUSY)
+                sock.shutdown(socket.SHUT_WR)
+                # Read what the client sent (until it closes, 0.5 s at most) so that closing does
+                # not reset the connection before the client has read the 503.
+                deadline = time.monotonic() + 0.5
+                while time.monotonic() < deadline and sock.recv(65536):
+                    pass
+            except OSError:
+                pass
+            finally:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def server_close(self):
+        super().server_close()
+        try:
+            self._reject_q.put_nowait(None)
+        except queue.Full:
+            pass
+
+
+class RuntimeHttpServer:
+    """Serves the runtime's HTTP endpoints, one daemon thread per connection (bounded)."""
+
+    def __init__(self, host: str, port: int, snapshot: Callable[[], dict], feed: OverlayFeed, *,
+                 read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, max_clients: int = DEFAULT_MAX_CLIENTS,
+                 backlog: int = DEFAULT_BACKLOG):
+        if read_timeout_s <= 0 or max_clients < 1 or backlog < 1:
+            raise OutputError(f"HTTP limits must be positive (read timeout {read_timeout_s}, "
+                              f"max clients {max_clients}, backlog {backlog})")
         self.snapshot = snapshot
         self.feed = feed
+        self.read_timeout_s = float(read_timeout_s)
         self._stopping = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             server_version = "edgestad"
+            timeout = server.read_timeout_s  # socket timeout: idle reads and stalled writes
+            _head = False
 
             def log_message(self, fmt, *args):  # access logs would flood journald at MJPEG rates
                 log.debug("%s %s", self.address_string(), fmt % args)
+
+            def do_HEAD(self):  # noqa: N802 - http.server naming
+                self._head = True
+                try:
+                    self.do_GET()
+                finally:
+                    self._head = False
 
             def do_GET(self):  # noqa: N802 - http.server naming
                 path = self.path.split("?", 1)[0]
@@ -220,8 +341,8 @@ class RuntimeHttpServer:
                         self._stream()
                     else:
                         self._send(404, b"not found\n", "text/plain")
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                except OSError:  # client gone, or a write blocked past the timeout
+                    self.close_connection = True
 
             def _send(self, code: int, body: bytes, ctype: str) -> None:
                 self.send_response(code)
@@ -229,7 +350,8 @@ class RuntimeHttpServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Cache-Control", "no-store")
                 self.end_headers()
-                self.wfile.write(body)
+                if not self._head:
+                    self.wfile.write(body)
 
             def _stream(self) -> None:
                 self.close_connection = True
@@ -238,6 +360,8 @@ class RuntimeHttpServer:
                 self.send_header("Cache-Control", "no-store")
                 self.send_header("Connection", "close")
                 self.end_headers()
+                if self._head:
+                    return
                 seq, last_sent = 0, 0.0
                 while not server._stopping.is_set():
                     got = server.feed.wait_jpeg(seq, timeout=1.0)
@@ -258,12 +382,19 @@ class RuntimeHttpServer:
                         server._stopping.wait(wait)
 
         try:
-            self.httpd = ThreadingHTTPServer((host, port), Handler)
+            self.httpd = _BoundedHTTPServer((host, port), Handler, max_clients=max_clients, backlog=backlog)
         except OSError as exc:
             raise OutputError(f"cannot serve HTTP on {host}:{port}: {exc}") from None
-        self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="edgestad-http", daemon=True)
+
+    @property
+    def active_connections(self) -> int:
+        return self.httpd.active
+
+    @property
+    def rejected_connections(self) -> int:
+        return self.httpd.rejected
 
     @property
     def address(self) -> tuple[str, int]:

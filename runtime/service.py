@@ -139,13 +139,22 @@ def install_unit(text: str, path: Path = DEFAULT_UNIT_PATH) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def next_steps(unit_path: Path, opts: UnitOptions) -> str:
+def next_steps(unit_path: Path, opts: UnitOptions, config_exists: bool | None = None) -> str:
+    """What to run after ``install``. An existing config is checked, never overwritten."""
     name = unit_path.name
+    if config_exists is None:
+        config_exists = Path(opts.config).is_file()
+    py, cfg = shlex.quote(opts.python), shlex.quote(str(opts.config))
+    if config_exists:
+        config_step = f"  {py} -m edgestad.runtime.config {cfg}   # check the config the service will run with"
+    else:
+        config_step = (f"  mkdir -p {shlex.quote(str(Path(opts.config).parent))} && "
+                       f"{py} -m edgestad.runtime.config --example > {cfg}   # then edit it")
     return "\n".join(
         [
             f"wrote {unit_path}. Next steps (as root):",
             f"  id {opts.user} >/dev/null 2>&1 || useradd --system --home /var/lib/edgestad --shell /usr/sbin/nologin --groups video {opts.user}",
-            f"  mkdir -p {opts.config.parent} && {shlex.quote(opts.python)} -m edgestad.runtime.config --example > {opts.config}   # then edit it",
+            config_step,
             "  systemctl daemon-reload",
             f"  systemctl enable --now {name}",
             f"  systemctl status {name}; journalctl -u {name} -f",

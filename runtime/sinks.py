@@ -8,6 +8,7 @@ that raises is counted and logged, and the line keeps running.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -260,7 +261,7 @@ class _BackgroundSender(Sink):
     """Sends NG events from its own thread through a bounded queue: a dead server or a slow network
     costs neither inference nor the events log. Messages that do not fit are counted as dropped."""
 
-    def __init__(self, name: str, send: Callable[[dict], None], queue_size: int = 256):
+    def __init__(self, name: str, send: Callable[[dict], Any], queue_size: int = 256):
         self.name = name
         self._send = send
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -287,8 +288,8 @@ class _BackgroundSender(Sink):
             if record is None:
                 return
             try:
-                self._send(record)
-                self.sent += 1
+                if self._send(record) is not False:  # False: the send function dropped it (and counted it)
+                    self.sent += 1
             except Exception as exc:  # noqa: BLE001 - any failure is counted, the line keeps running
                 self.failed += 1
                 now = time.monotonic()
@@ -304,15 +305,156 @@ class _BackgroundSender(Sink):
         self._thread.join(timeout=timeout)
 
 
-class WebhookSink(_BackgroundSender):
-    """POSTs each NG event as JSON to ``url`` (stdlib urllib, timeout ``timeout_s``)."""
+class MemoryOutbox:
+    """Bounded FIFO of undelivered records in memory (lost when the process ends)."""
 
-    def __init__(self, url: str, timeout_s: float = 5.0):
+    def __init__(self, max_items: int):
+        self.max_items = int(max_items)
+        self._items: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, record: dict) -> int:
+        """Add a record; returns how many old records were dropped to stay within the bound."""
+        dropped = 0
+        while len(self._items) >= self.max_items:
+            self._items.popitem(last=False)
+            dropped += 1
+        self._items[self._next] = record
+        self._next += 1
+        return dropped
+
+    def oldest(self) -> tuple[Any, dict] | None:
+        for key, record in self._items.items():
+            return key, record
+        return None
+
+    def remove(self, key: Any) -> None:
+        self._items.pop(key, None)
+
+
+class DirOutbox:
+    """Bounded FIFO of undelivered records on disk: one JSON file per record in ``folder``.
+
+    Each file is written atomically (temp file, fsync, rename, directory fsync) before ``put``
+    returns and removed only after the record was delivered, so a crash, a power cut or a restart
+    of the runtime loses nothing: a new outbox on the same folder resumes with the oldest record.
+    Names sort in arrival order (``<time_ns>-<seq>.json``).
+    """
+
+    _NAME = re.compile(r"^\d{20}-\d{9}\.json$")
+
+    def __init__(self, folder: str | os.PathLike, max_items: int):
+        self.folder = Path(folder)
+        self.max_items = int(max_items)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            names = sorted(p.name for p in self.folder.iterdir() if self._NAME.match(p.name))
+        except OSError as exc:
+            raise OutputError(f"cannot use webhook outbox {self.folder}: {exc}") from None
+        self._names: collections.deque[str] = collections.deque(names)
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def put(self, record: dict) -> int:
+        dropped = 0
+        while len(self._names) >= self.max_items:
+            self.remove(self._names[0])
+            dropped += 1
+        self._seq = (self._seq + 1) % 10**9
+        name = f"{time.time_ns():020d}-{self._seq:09d}.json"
+        data = json.dumps(record, separators=(",", ":"), default=_json_default).encode("utf-8")
+        atomic_write_bytes(self.folder / name, data)
+        self._names.append(name)
+        return dropped
+
+    def oldest(self) -> tuple[Any, dict] | None:
+        while self._names:
+            name = self._names[0]
+            try:
+                return name, json.loads((self.folder / name).read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                self._names.popleft()
+            except (OSError, ValueError) as exc:  # a file damaged outside the runtime: set it aside
+                log.error("webhook outbox: skipping unreadable %s (%s)", name, exc)
+                self._names.popleft()
+                try:
+                    os.replace(self.folder / name, self.folder / f"{name}.bad")
+                except OSError:
+                    pass
+        return None
+
+    def remove(self, key: Any) -> None:
+        try:
+            os.unlink(self.folder / key)
+        except FileNotFoundError:
+            pass
+        try:
+            self._names.remove(key)
+        except ValueError:
+            pass
+
+
+class WebhookSink(Sink):
+    """POSTs each NG event as JSON to ``url``: at least once, retried with exponential backoff.
+
+    Events go into a bounded outbox first (``outbox_dir``: one file per event, fsync'd, survives a
+    restart of the runtime; without it, memory only) and a sender thread delivers them oldest
+    first. An event leaves the outbox only after the server answered 2xx; a failed attempt
+    (connection refused or dropped, timeout, 5xx, 408, 429) is retried after ``backoff_initial``
+    s, doubling up to ``backoff_max`` s, and a success resets the delay. Other 4xx answers mean the
+    server will never take that event: it is dropped and counted (``rejected``). When the outbox
+    holds ``max_outbox`` events the oldest is dropped (counted in ``dropped``, logged). ``close``
+    keeps delivering for up to ``timeout`` s; what is still undelivered stays in the outbox folder
+    for the next start. Duplicates are possible (a 2xx lost on the way back), so the receiver
+    should de-duplicate on ``frame`` + ``time`` if it cares.
+    """
+
+    name = "webhook"
+
+    def __init__(self, url: str, timeout_s: float = 5.0, outbox_dir: str | os.PathLike | None = None,
+                 max_outbox: int = 10000, backoff_initial: float = 0.5, backoff_max: float = 30.0):
         if not re.match(r"^https?://", url):
             raise OutputError(f"--webhook must be an http:// or https:// URL, got {url!r}")
         self.url = url
         self.timeout_s = timeout_s
-        super().__init__("webhook", self._post)
+        self.backoff_initial = float(backoff_initial)
+        self.backoff_max = float(backoff_max)
+        self.outbox = DirOutbox(outbox_dir, max_outbox) if outbox_dir else MemoryOutbox(max_outbox)
+        self.sent = 0
+        self.failed = 0  # failed attempts (each is retried)
+        self.rejected = 0  # events a 4xx answer refused for good
+        self.dropped = 0  # events pushed out of a full outbox
+        self.delay = 0.0  # the current retry delay (0 after a success)
+        self._cond = threading.Condition()
+        self._closing = False
+        self._deadline = float("inf")
+        self._last_warning = 0.0
+        if len(self.outbox):
+            log.info("webhook: %d undelivered event(s) from a previous run in the outbox", len(self.outbox))
+        self._thread = threading.Thread(target=self._loop, name="edgestad-webhook", daemon=True)
+        self._thread.start()
+
+    def handle(self, result: FrameResult) -> None:
+        if result.is_ng:
+            self.offer(result.to_event())
+
+    def offer(self, record: dict) -> None:
+        with self._cond:
+            dropped = self.outbox.put(record)
+            self._cond.notify_all()
+        if dropped:
+            self.dropped += dropped
+            log.warning("webhook outbox full (%d): dropped the %d oldest event(s); %d dropped so far",
+                        self.outbox.max_items, dropped, self.dropped)
+
+    @property
+    def pending(self) -> int:
+        return len(self.outbox)
 
     def _post(self, record: dict) -> None:
         body = json.dumps(record, default=_json_default).encode("utf-8")
@@ -320,6 +462,61 @@ class WebhookSink(_BackgroundSender):
                                      headers={"Content-Type": "application/json", "User-Agent": "edgestad"})
         with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
             resp.read()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closing and (not len(self.outbox) or time.monotonic() >= self._deadline):
+                        return
+                    item = self.outbox.oldest()
+                    if item is not None:
+                        break
+                    self._cond.wait()
+            key, record = item
+            try:
+                self._post(record)
+            except urllib.error.HTTPError as exc:
+                if 400 <= exc.code < 500 and exc.code not in (408, 429):
+                    with self._cond:
+                        self.outbox.remove(key)
+                    self.rejected += 1
+                    log.error("webhook: %s refused an event with HTTP %d; dropped it (%d so far)",
+                              self.url, exc.code, self.rejected)
+                    continue
+                self._retry_later(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - network errors of every kind are retried
+                self._retry_later(exc)
+                continue
+            with self._cond:
+                self.outbox.remove(key)
+            self.sent += 1
+            self.delay = 0.0
+
+    def _retry_later(self, exc: BaseException) -> None:
+        self.failed += 1
+        self.delay = self.backoff_initial if self.delay <= 0 else min(self.backoff_max, self.delay * 2)
+        now = time.monotonic()
+        if now - self._last_warning > 60:
+            log.warning("webhook: sending to %s failed (%s); retrying in %.1f s, %d event(s) waiting",
+                        self.url, exc, self.delay, len(self.outbox))
+            self._last_warning = now
+        end = now + self.delay
+        with self._cond:  # close() shortens the wait to its deadline
+            while (left := min(end, self._deadline) - time.monotonic()) > 0:
+                self._cond.wait(left)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Deliver for up to ``timeout`` s more, then stop; undelivered events stay in the outbox."""
+        with self._cond:
+            self._closing = True
+            self._deadline = time.monotonic() + timeout
+            self._cond.notify_all()
+        self._thread.join(timeout=timeout + self.timeout_s + 1)
+        if len(self.outbox):
+            where = f"kept in {self.outbox.folder}" if isinstance(self.outbox, DirOutbox) else "lost (no outbox folder)"
+            log.warning("webhook: %d undelivered event(s) %s", len(self.outbox), where)
 
 
 def parse_mqtt(spec: str) -> tuple[str, int, str]:
@@ -330,33 +527,70 @@ def parse_mqtt(spec: str) -> tuple[str, int, str]:
 
 
 class MqttSink(_BackgroundSender):
-    """Publishes NG events to an MQTT topic with paho-mqtt (only if it is installed)."""
+    """Publishes NG events to an MQTT topic, QoS 1, with paho-mqtt (only if it is installed).
 
-    def __init__(self, spec: str):
+    While the broker is unreachable, paho-mqtt keeps reconnecting (``reconnect_min`` s, doubling
+    up to ``reconnect_max`` s) and holds up to ``queue_size`` messages that the broker has not
+    acknowledged yet; they are sent, in order, once it is back. A message published while that
+    queue is full is dropped and counted (``dropped``, logged). Nothing below the bound is lost
+    while the runtime keeps running (at least once: a message whose PUBACK was lost is sent again).
+    The queue is in memory: what is unacknowledged when the runtime stops is lost (``close``
+    waits up to its timeout for acknowledgements first).
+    """
+
+    def __init__(self, spec: str, queue_size: int = 1000, reconnect_min: float = 1.0, reconnect_max: float = 30.0):
         host, port, topic = parse_mqtt(spec)
         try:
             import paho.mqtt.client as mqtt
         except ImportError:
             raise OutputError("--mqtt needs the paho-mqtt package (pip install paho-mqtt)") from None
+        if queue_size < 1:
+            raise OutputError(f"MQTT queue size must be >= 1, got {queue_size}")
+        client_id = f"edgestad-{os.urandom(4).hex()}"  # unique: two runtimes on one broker must not evict each other
         try:  # paho-mqtt >= 2 wants the callback API version; 1.x has no such argument
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edgestad")
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
         except AttributeError:
-            client = mqtt.Client(client_id="edgestad")
+            client = mqtt.Client(client_id=client_id)
+        client.max_queued_messages_set(int(queue_size))
+        client.reconnect_delay_set(reconnect_min, reconnect_max)
         client.connect_async(host, port)
         client.loop_start()
-        self.client, self.topic = client, topic
+        self.client, self.topic, self.queue_size = client, topic, int(queue_size)
+        self._unacked: collections.deque = collections.deque()
+        ok_codes = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)  # NO_CONN: queued until reconnected
+        full_code = mqtt.MQTT_ERR_QUEUE_SIZE
 
-        def publish(record: dict) -> None:
+        def publish(record: dict) -> bool:
             info = client.publish(topic, json.dumps(record, default=_json_default), qos=1)
-            if info.rc != 0:
+            if info.rc == full_code:
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 100 == 0:
+                    log.warning("mqtt: %d messages wait for %s:%d already (queue_size); dropped %d so far",
+                                self.queue_size, host, port, self.dropped)
+                return False
+            if info.rc not in ok_codes:
                 raise OSError(f"MQTT publish to {host}:{port}/{topic} failed (rc={info.rc})")
+            self._unacked.append(info)
+            while self._unacked and self._unacked[0].is_published():
+                self._unacked.popleft()
+            return True
 
-        super().__init__("mqtt", publish)
+        super().__init__("mqtt", publish, queue_size=max(256, int(queue_size)))
+
+    @property
+    def unacked(self) -> int:
+        """Messages handed to the client that the broker has not acknowledged yet."""
+        return sum(1 for info in list(self._unacked) if not info.is_published())
 
     def close(self, timeout: float = 5.0) -> None:
         super().close(timeout)
-        self.client.loop_stop()
+        deadline = time.monotonic() + timeout
+        while self.unacked and self.client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.unacked:
+            log.warning("mqtt: %d message(s) not acknowledged by the broker at close; lost", self.unacked)
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 # --------------------------------------------------------------------------- window

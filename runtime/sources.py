@@ -114,6 +114,7 @@ class OpenCVSource(Source):
         self.description = spec.describe()
         self.cap: Any = None
         self._index = 0
+        self._first: np.ndarray | None = None  # a video file's first frame, read by open() as a probe
 
     def open(self) -> None:
         spec = self.spec
@@ -137,6 +138,15 @@ class OpenCVSource(Source):
                 "video": " (is it a video format OpenCV/FFmpeg can decode?)",
             }.get(spec.kind, "")
             raise SourceError(f"cannot open {self.description}{hint}")
+        if spec.kind == "video":
+            # OpenCV "opens" many files that are not videos (text, a truncated download) and then
+            # reads no frame: that is an unusable source, not a video of 0 frames.
+            ok, first = cap.read()
+            if not ok or first is None:
+                cap.release()
+                raise SourceError(f"cannot read a frame from video file {spec.target} (not a video, or a format "
+                                  "OpenCV/FFmpeg cannot decode)", permanent=True)
+            self._first = first
         self.cap = cap
 
     def _make_capture(self):
@@ -169,7 +179,10 @@ class OpenCVSource(Source):
     def read(self) -> Frame | None:
         if self.cap is None:
             raise SourceError(f"{self.description} is not open")
-        ok, image = self.cap.read()
+        if self._first is not None:
+            ok, image, self._first = True, self._first, None
+        else:
+            ok, image = self.cap.read()
         now_wall, now_mono = time.time(), time.monotonic()
         if not ok or image is None:
             if self.live:
