@@ -556,7 +556,13 @@ class MqttSink(_BackgroundSender):
         client.connect_async(host, port)
         client.loop_start()
         self.client, self.topic, self.queue_size = client, topic, int(queue_size)
-        self._unacked: collections.deque = collections.deque()
+        self.handed = 0  # messages accepted by the client (sent, or queued while disconnected)
+        self.acked = 0  # PUBACKs received from the broker
+
+        def on_publish(*args) -> None:  # (client, userdata, mid[, reason_code, properties])
+            self.acked += 1
+
+        client.on_publish = on_publish
         ok_codes = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)  # NO_CONN: queued until reconnected
         full_code = mqtt.MQTT_ERR_QUEUE_SIZE
 
@@ -570,9 +576,7 @@ class MqttSink(_BackgroundSender):
                 return False
             if info.rc not in ok_codes:
                 raise OSError(f"MQTT publish to {host}:{port}/{topic} failed (rc={info.rc})")
-            self._unacked.append(info)
-            while self._unacked and self._unacked[0].is_published():
-                self._unacked.popleft()
+            self.handed += 1
             return True
 
         super().__init__("mqtt", publish, queue_size=max(256, int(queue_size)))
@@ -580,7 +584,7 @@ class MqttSink(_BackgroundSender):
     @property
     def unacked(self) -> int:
         """Messages handed to the client that the broker has not acknowledged yet."""
-        return sum(1 for info in list(self._unacked) if not info.is_published())
+        return max(0, self.handed - self.acked)
 
     def close(self, timeout: float = 5.0) -> None:
         super().close(timeout)
