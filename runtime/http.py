@@ -362,7 +362,7 @@ class RuntimeHttpServer:
                 self.end_headers()
                 if self._head:
                     return
-                seq, last_sent = 0, 0.0
+                seq = 0
                 while not server._stopping.is_set():
                     got = server.feed.wait_jpeg(seq, timeout=1.0)
                     if got is None:
@@ -370,14 +370,14 @@ class RuntimeHttpServer:
                             return
                         continue
                     seq, jpeg = got
+                    sent_at = time.monotonic()
                     self.wfile.write(
                         f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
                         + jpeg + b"\r\n"
                     )
                     self.wfile.flush()
-                    # Rate cap per client: skip frames rather than queue them.
-                    wait = server.feed.min_interval - (time.monotonic() - last_sent)
-                    last_sent = time.monotonic()
+                    # Rate cap per client (at most max_fps parts a second): skip frames, never queue them.
+                    wait = sent_at + server.feed.min_interval - time.monotonic()
                     if wait > 0:
                         server._stopping.wait(wait)
 

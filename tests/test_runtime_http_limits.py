@@ -146,3 +146,42 @@ def test_a_burst_of_connects_is_queued_not_refused(serve):
     for t in threads:
         t.join(30)
     assert results.count(200) == 120, [r for r in results if r != 200][:3]
+
+
+def test_stream_rate_cap_holds_per_client(serve):
+    """max_fps is a cap per viewer: a 50 fps source seen through a 10 fps cap gives ~10 parts/s."""
+    import numpy as np
+
+    from edgestad.runtime.results import FrameResult
+
+    srv = serve()
+    feed = srv.feed
+    feed.min_interval = 0.1
+    stop = threading.Event()
+
+    def produce():
+        i = 0
+        while not stop.is_set():
+            amap = np.zeros((8, 8), np.float32)
+            feed.handle(FrameResult(i, "", time.time(), time.monotonic(), time.monotonic(), time.monotonic(),
+                                    time.time(), 0.0, False, [], 0, amap, np.zeros((24, 32, 3), np.uint8), "BGR", (32, 24)))
+            i += 1
+            time.sleep(0.02)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    conn = http.client.HTTPConnection(*srv.address, timeout=10)
+    conn.request("GET", "/stream.mjpg")
+    r = conn.getresponse()
+    parts, t0 = 0, time.monotonic()
+    try:
+        while time.monotonic() - t0 < 2.0:
+            line = r.readline()
+            if line.startswith(b"Content-Length:"):
+                r.readline()
+                r.read(int(line.split(b":")[1]))
+                parts += 1
+    finally:
+        stop.set()
+        conn.close()
+    assert 14 <= parts <= 23, parts  # 2 s at 10 fps (the old cap let ~20 fps through)
