@@ -101,3 +101,120 @@ def test_webhook_outbox_defaults_next_to_the_events(tmp_path):
         == str(Path("/ev") / "webhook-outbox")
     assert webhook_outbox_dir(build_config(None, {"camera": "0", "webhook_outbox": "/o"})) == "/o"
     assert webhook_outbox_dir(build_config(None, {"camera": "0"})) is None
+
+
+def _start_run(tmp_path, *args):
+    bundle = make_toy_bundle(tmp_path / "bundle", 32, 32)
+    video = write_video(tmp_path / "v.avi", 15)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A stream URL that ends is reconnected forever: a source that runs until SIGTERM.
+    cmd = [sys.executable, "-m", "edgestad.runtime.cli", "run", str(bundle), "--url", str(video),
+           "--reconnect-initial", "0.01", "--reconnect-max", "0.02", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _stop(proc):
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _wait(pred, timeout=30.0):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def test_run_http_limits_come_from_the_options(tmp_path):
+    import re
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    proc = _start_run(tmp_path, "--http", "127.0.0.1:0", "--http-read-timeout", "0.5", "--http-max-clients", "1")
+    try:
+        line = ""
+        end = time.monotonic() + 60
+        while "serving HTTP on" not in line and time.monotonic() < end:
+            line = proc.stderr.readline()
+        port = int(re.search(r"serving HTTP on http://127\.0\.0\.1:(\d+)", line).group(1))
+        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        time.sleep(0.2)
+        with pytest.raises(urllib.error.HTTPError) as err:  # the one slot is taken
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10)
+        assert err.value.code == 503
+        t0 = time.monotonic()
+        assert idle.recv(1) == b"" and time.monotonic() - t0 < 3  # closed after 0.5 s of silence
+        idle.close()
+        assert _wait(lambda: _status_ok(port))
+    finally:
+        out, err = _stop(proc)
+    assert proc.returncode == 0, err
+
+
+def _status_ok(port):
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_webhook_outbox_survives_a_restart_of_the_runtime_process(tmp_path):
+    import json
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there yet
+    events = tmp_path / "ev"
+    outbox = events / "webhook-outbox"
+    proc = _start_run(tmp_path, "--events", events, "--webhook", f"http://127.0.0.1:{port}/ng")
+    try:
+        assert _wait(lambda: outbox.is_dir() and len(list(outbox.glob("*.json"))) >= 5)
+    finally:
+        _, err = _stop(proc)
+    assert proc.returncode == 0, err
+    waiting = {json.loads(p.read_text())["time"] for p in outbox.glob("*.json")}
+    logged = [json.loads(line) for line in (events / "events.jsonl").read_text().splitlines()]
+    assert waiting == {e["time"] for e in logged if e["event"] == "ng"}  # every NG event is waiting
+
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    hook = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        proc = _start_run(tmp_path, "--events", events, "--webhook", f"http://127.0.0.1:{port}/ng")
+        try:
+            assert _wait(lambda: waiting <= {r["time"] for r in received})
+        finally:
+            _, err = _stop(proc)
+        assert proc.returncode == 0, err
+    finally:
+        hook.shutdown()
+        hook.server_close()
+    assert not list(outbox.glob("*.json"))  # all delivered, the new run's events too
