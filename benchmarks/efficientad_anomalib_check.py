@@ -1,4 +1,4 @@
-"""Is our EfficientAD-S peer (edgestad/models/efficientad.py) the same function as anomalib's?
+"""Is our EfficientAD-S peer (bench/efficientad.py) the same function as anomalib's?
 
     python -m venv /tmp/anomalib-env
     /tmp/anomalib-env/bin/pip install "torch==2.14.1" "torchvision==0.29.1" anomalib
@@ -29,7 +29,7 @@ def main() -> int:
     from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from edgestad.models.efficientad import EfficientADS
+    from edgestad.bench.efficientad import EfficientADS
 
     torch.manual_seed(0)
     theirs = EfficientAdModel(model_size="small").eval()

@@ -112,9 +112,9 @@ def aupro_records(bundle_paths: list[Path], cache: list[dict]) -> dict[str, dict
         records[config_key(cfg["patch_sizes"], *common)] = {
             "au_pro": evaluation["au_pro"], "source": src,
             "image_auroc": evaluation.get("image_auroc")}
-        for name, scale in (evaluation.get("per_scale") or {}).items():
+        for name, scale in (evaluation.get("parts") or evaluation.get("per_scale") or {}).items():
             records.setdefault(config_key([int(name.lstrip("p"))], *common), {
-                "au_pro": scale["au_pro"], "source": f"{src}, per_scale {name}",
+                "au_pro": scale["au_pro"], "source": f"{src}, part {name}",
                 "image_auroc": scale.get("image_auroc")})
     for item in cache:
         records.setdefault(item["key"], {"au_pro": item["au_pro"], "image_auroc":
@@ -136,7 +136,7 @@ def evaluate_variants(bundle_path: Path, data: Path, variants: list[tuple[list[i
     from edgestad.bundle import load_bundle
     from edgestad.data import load_test_set
     from edgestad.evaluate import compute_metrics
-    from edgestad.models import build_model
+    from edgestad.methods import build_model
     torch.set_num_threads(threads)
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
@@ -182,8 +182,8 @@ def evaluate_variants(bundle_path: Path, data: Path, variants: list[tuple[list[i
 
 # -------------------------------------------------------------------------------- timing
 def time_configs(threads: int, iterations: int, max_seconds: float, previous: dict) -> list[dict]:
-    from edgestad.bench import Subject, peer_model, random_uninformed_students, run_bench
-    from edgestad.models.fused import fuse_model
+    from edgestad.bench.cli import Subject, peer_model, random_uninformed_students, run_bench
+    from edgestad.methods.uninformed_students.fused import fuse_model
     rows = []
     size = tuple(BASE["input_size"])
     subjects = []

@@ -10,17 +10,19 @@ import click
 COMMANDS = {
     "pretrain-teacher": "edgestad.train.cli:pretrain_teacher",
     "train": "edgestad.train.cli:train",
+    "methods": "edgestad.train.cli:methods",
     "evaluate": "edgestad.evaluate:evaluate_command",
     "demo": "edgestad.demo:demo_command",
     "export": "edgestad.export.cli:export",
-    "bench": "edgestad.bench:bench_command",
+    "bench": "edgestad.bench.cli:bench_command",
     "run": "edgestad.runtime.cli:run",
     "service": "edgestad.runtime.cli:service",
 }
 
 HELP = {
     "pretrain-teacher": "Pretrain a patch-descriptor teacher on natural images.",
-    "train": "Train students on good images and write a model bundle.",
+    "train": "Train a model (--method, default stfpm) on good images; write a bundle.",
+    "methods": "List the methods: what each is, its paper, its default backbone.",
     "evaluate": "Evaluate a bundle on an MVTec-layout test set (AU-PRO, AUROC, plots).",
     "demo": "Train and evaluate on the built-in demo dataset (no download).",
     "export": "Export a bundle to ONNX (fp32/fp16/int8) and TensorRT engines.",

@@ -194,6 +194,58 @@ def resize_image(img: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return cv2.resize(img, (hw[1], hw[0]), interpolation=interp)
 
 
+LETTERBOX_PAD_VALUE = 114   # neutral grey of the padding (the YOLO convention)
+
+
+def letterbox_geometry(src_hw: Sequence[int], dst_hw: Sequence[int]) -> tuple[int, int, int, int]:
+    """(new_h, new_w, top, left): the image scaled to fit ``dst_hw`` with its aspect ratio kept,
+    centred. The box (top, left, top + new_h, left + new_w) is what ``valid_box`` carries."""
+    sh, sw = (int(v) for v in src_hw)
+    dh, dw = (int(v) for v in dst_hw)
+    scale = min(dh / sh, dw / sw)
+    nh = min(dh, max(1, int(round(sh * scale))))
+    nw = min(dw, max(1, int(round(sw * scale))))
+    return nh, nw, (dh - nh) // 2, (dw - nw) // 2
+
+
+def letterbox_image(img: np.ndarray, size: Sequence[int], pad_value: int = LETTERBOX_PAD_VALUE
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(canvas H x W x C, box float32 [top, left, bottom, right]): aspect kept, centred, padded."""
+    hw = _check_size(size)
+    assert hw is not None
+    nh, nw, top, left = letterbox_geometry(img.shape[:2], hw)
+    canvas = np.full((hw[0], hw[1]) + img.shape[2:], pad_value, dtype=img.dtype)
+    canvas[top:top + nh, left:left + nw] = resize_image(img, (nh, nw))
+    return canvas, np.array([top, left, top + nh, left + nw], dtype=np.float32)
+
+
+def fit_image(img: np.ndarray, size: Sequence[int], resize: str = "area_or_linear"
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """An image at the model input size by the bundle's resize rule, and its valid box."""
+    if resize == "letterbox":
+        return letterbox_image(img, size)
+    if resize != "area_or_linear":
+        raise DataError(f"unknown resize rule {resize!r} (use area_or_linear or letterbox)")
+    hw = _check_size(size)
+    assert hw is not None
+    return resize_image(img, hw), np.array([0, 0, hw[0], hw[1]], dtype=np.float32)
+
+
+def aspect_ratios_vary(paths: Sequence[str | os.PathLike], tolerance: float = 0.02) -> bool:
+    """True when the images' width/height ratios differ by more than ``tolerance`` (relative):
+    such a set is letterboxed by default, since squashing would distort each image differently."""
+    ratios = []
+    for path in paths:
+        size = image_size(path)
+        ratios.append(size[1] / size[0])
+    return bool(ratios) and max(ratios) / min(ratios) > 1 + tolerance
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image file (decodes it: OpenCV has no header-only reader)."""
+    return read_image(path).shape[:2]
+
+
 def resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """Resize a bool H x W mask with nearest neighbour (no new label values)."""
     hw = _check_size(size)
@@ -441,22 +493,29 @@ def load_images(
     size: Sequence[int],
     progress: bool = False,
     workers: int | None = None,
-) -> np.ndarray:
-    """Read and resize images into one uint8 array N x H x W x 3 (RGB), in the order given."""
+    resize: str = "area_or_linear",
+    with_boxes: bool = False,
+):
+    """Read and resize images into one uint8 array N x H x W x 3 (RGB), in the order given.
+
+    ``resize``: the bundle's rule (``area_or_linear`` squashes, ``letterbox`` keeps the aspect
+    ratio and pads). ``with_boxes``: also return the valid boxes (float32 N x 4)."""
     hw = _check_size(size)
     assert hw is not None
     paths = [Path(p) for p in paths]
     if not paths:
         raise DataError("no image paths given to load")
     out = np.empty((len(paths), hw[0], hw[1], 3), dtype=np.uint8)
+    boxes = np.empty((len(paths), 4), dtype=np.float32)
     with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
-        results = pool.map(lambda p: read_image(p, hw), paths)
-        for i, img in enumerate(_progress(results, len(paths), progress, "loading images")):
+        results = pool.map(lambda p: fit_image(read_image(p), hw, resize), paths)
+        for i, (img, box) in enumerate(_progress(results, len(paths), progress, "loading images")):
             out[i] = img
-    return out
+            boxes[i] = box
+    return (out, boxes) if with_boxes else out
 
 
-def _load_test_item(item: TestItem, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _load_test_item(item: TestItem, hw: tuple[int, int], resize: str = "area_or_linear"):
     image = read_image(item.path)
     if item.mask_path is None:
         mask = np.zeros(hw, dtype=bool)
@@ -468,7 +527,8 @@ def _load_test_item(item: TestItem, hw: tuple[int, int]) -> tuple[np.ndarray, np
                 f"{item.path} is {image.shape[1]}x{image.shape[0]} (width x height)"
             )
         mask = resize_mask(mask, hw)
-    return resize_image(image, hw), mask
+    fitted, box = fit_image(image, hw, resize)
+    return fitted, mask, box
 
 
 def load_test_set(
@@ -476,8 +536,14 @@ def load_test_set(
     size: Sequence[int],
     progress: bool = False,
     workers: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], list[Path]]:
+    resize: str = "area_or_linear",
+    with_boxes: bool = False,
+):
     """All test images of a category at ``size``.
+
+    Masks are always on the plain ``size`` grid (squashed, nearest): the evaluation grid. With
+    ``resize="letterbox"`` the images are letterboxed and ``with_boxes`` returns their valid boxes
+    as a sixth element, so a map can be cropped to its box and resampled onto that grid.
 
     Returns ``(images N x H x W x 3 uint8, masks N x H x W bool, labels N int64 (1 = anomalous),
     defect_types, paths)`` in :meth:`MVTecCategory.test_items` order. Good images get all-zero
@@ -490,13 +556,28 @@ def load_test_set(
     items = cat.test_items()
     images = np.empty((len(items), hw[0], hw[1], 3), dtype=np.uint8)
     masks = np.empty((len(items), hw[0], hw[1]), dtype=bool)
+    boxes = np.empty((len(items), 4), dtype=np.float32)
     with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
-        results = pool.map(lambda it: _load_test_item(it, hw), items)
-        for i, (img, mask) in enumerate(_progress(results, len(items), progress, "loading test set")):
+        results = pool.map(lambda it: _load_test_item(it, hw, resize), items)
+        for i, (img, mask, box) in enumerate(_progress(results, len(items), progress,
+                                                        "loading test set")):
             images[i] = img
             masks[i] = mask
+            boxes[i] = box
     labels = np.array([int(it.is_anomalous) for it in items], dtype=np.int64)
-    return images, masks, labels, [it.defect_type for it in items], [it.path for it in items]
+    result = (images, masks, labels, [it.defect_type for it in items], [it.path for it in items])
+    return result + (boxes,) if with_boxes else result
+
+
+def map_to_eval_grid(amap: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """A model-input map (H x W) cropped to its valid box and resampled (bilinear) onto the
+    H x W evaluation grid the masks are on. For a full box this is the map itself."""
+    h, w = amap.shape
+    top, left, bottom, right = (int(round(float(v))) for v in box)
+    if (top, left, bottom, right) == (0, 0, h, w):
+        return amap
+    crop = np.ascontiguousarray(amap[top:bottom, left:right], dtype=np.float32)
+    return cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 # --------------------------------------------------------------------------- provenance

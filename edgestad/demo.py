@@ -1,8 +1,9 @@
 """`edgestad demo`: the whole flow on a built-in dataset, no download.
 
 Generates an MVTec-layout dataset from a real texture photograph that ships with scikit-image
-(with synthesized scratches, stains and contamination), trains students on the shipped teachers,
-evaluates the bundle and, when the export extra is installed, exports the fused ONNX graph.
+(with synthesized scratches, stains and contamination), trains the default method with its default
+settings (what `edgestad train DATA --out OUT` does), evaluates the bundle and, when the export
+extra is installed, exports the ONNX graphs (fp32, fp16, int8).
 """
 from __future__ import annotations
 
@@ -18,25 +19,26 @@ import click
               show_default=True, help="Folder for the dataset, bundle and report.")
 @click.option("--texture", type=click.Choice(["brick", "grass", "gravel"]), default="brick",
               show_default=True)
-@click.option("--epochs", type=int, default=6, show_default=True)
-@click.option("-p", "--patch-size", "patch_sizes", multiple=True, type=click.Choice(["17", "33", "65"]),
-              help="Scales (repeat; default: 17 and 33).")
+@click.option("--method", default=None, help="Method (default: the default of `edgestad train`).")
+@click.option("--epochs", type=int, default=None, help="Default: the method's.")
 @click.option("--export/--no-export", default=True, show_default=True,
               help="Also export the bundle to ONNX (needs edgestad[export]).")
-def demo_command(out_dir, texture, epochs, patch_sizes, export):
+def demo_command(out_dir, texture, method, epochs, export):
     """Train and evaluate a small model on the built-in demo dataset (a few minutes on CPU)."""
     from edgestad.demo_data import ensure_demo_dataset
     from edgestad.evaluate import evaluate_bundle, per_type_table
-    from edgestad.models.uninformed_students import StudentTeacherConfig
-    from edgestad.train.fit import TrainSettings, train_bundle
+    from edgestad.methods import get_method
+    from edgestad.methods.base import TrainSettings
+    from edgestad.train.fit import train_bundle
 
     started = time.time()
     data = ensure_demo_dataset(out_dir / "data" / texture, texture=texture)
     click.echo(f"demo dataset: {data}")
-    sizes = tuple(sorted(int(p) for p in patch_sizes)) or (17, 33)
-    config = StudentTeacherConfig(patch_sizes=sizes, input_size=(128, 128), dense_stride=1)
-    settings = TrainSettings(epochs=epochs, batch_size=1, crop_size=64)
-    bundle = train_bundle(data, out_dir / "bundle", config, settings, device="cpu")
+    from edgestad.methods import DEFAULT_METHOD
+    m = get_method(method or DEFAULT_METHOD)
+    settings = TrainSettings(epochs=epochs)
+    bundle = train_bundle(data, out_dir / "bundle", m.name, m.make_config(resize="auto"), settings,
+                          device="cpu", force=True, echo=click.echo)
     click.echo(f"bundle: {bundle}")
     report = evaluate_bundle(bundle, data, out_dir / "report")
     click.echo(per_type_table(report))

@@ -2,8 +2,10 @@
 
 Writes metrics.json (AU-PRO up to FPR 0.3, pixel AUROC, image AUROC; overall, per scale and per
 defect type), a per-defect-type table, the PRO-curve plot and overlays of the best and worst cases.
-Maps come from the PyTorch model (``--backend torch``) or an exported ONNX graph run by ONNX
-Runtime (``--backend onnx``).
+Maps and image scores come from the PyTorch model (``--backend torch``) or an exported ONNX graph
+run by ONNX Runtime (``--backend onnx``); image AUROC uses the bundle's own image-score rule, and
+the OK/NG decisions at the bundle's image threshold are reported beside it. Letterboxed maps are
+cropped to their image and resampled onto the masks' grid before any metric.
 """
 from __future__ import annotations
 
@@ -16,47 +18,59 @@ import numpy as np
 
 from edgestad import metrics
 from edgestad.bundle import add_files, load_bundle
-from edgestad.data import load_test_set
+from edgestad.contract import uses_valid_box
+from edgestad.data import load_test_set, map_to_eval_grid
 
 
-def torch_maps(bundle, images: np.ndarray, device: str = "cpu", batch_size: int = 4,
-               per_scale: bool = True) -> dict[str, np.ndarray]:
-    """{"fused": N×H×W, "p17": ..., ...} from the bundle's PyTorch model."""
+def torch_maps(bundle, images: np.ndarray, boxes: np.ndarray | None, device: str = "cpu",
+               batch_size: int = 4, parts: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"model": (maps N×H×W, scores N), <part>: ...} from the bundle's PyTorch model; the parts
+    are the method's named partial maps (per level / scale), scored by the same image-score rule."""
     import torch
-    from edgestad.models import load_model
+    from edgestad.methods import get_method, load_model
+    from edgestad.methods.common.scoring import image_score
 
     model = load_model(bundle, device)
-    h, w = images.shape[1:3]
+    method = get_method(bundle.manifest["method"])
     out: dict[str, list] = {}
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2)
-            x = model.normalize_input(batch.to(device))
-            scales = {}
-            for p in model.config.patch_sizes:
-                scales[f"p{p}"] = model.upsample(model.scale_score(x, p), h, w)[:, 0]
-            fused = sum(scales.values()) / len(scales)
-            if per_scale and len(scales) > 1:
-                for key, value in scales.items():
-                    out.setdefault(key, []).append(value.cpu().numpy())
-            out.setdefault("fused", []).append(fused.cpu().numpy())
-    return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
+            batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).to(device)
+            box = (torch.from_numpy(boxes[start:start + batch_size]).to(device)
+                   if boxes is not None and model.takes_valid_box else None)
+            amap, score = model(batch, box)
+            out.setdefault("model", []).append((amap[:, 0].cpu().numpy(), score.cpu().numpy()))
+            if parts:
+                named = method.parts(model, model.normalize_input(batch))
+                for key, part in (named.items() if len(named) > 1 else ()):
+                    part_map, part_score = model.finish(part, box)
+                    out.setdefault(key, []).append((part_map[:, 0].cpu().numpy(),
+                                                    part_score.cpu().numpy()))
+    return {k: (np.concatenate([m for m, _ in v]).astype(np.float32),
+                np.concatenate([s for _, s in v]).astype(np.float32)) for k, v in out.items()}
 
 
-def onnx_maps(onnx_path: Path, images: np.ndarray, batch_size: int = 4) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    maps = []
-    for start in range(0, len(images), batch_size):
-        batch = np.ascontiguousarray(images[start:start + batch_size].transpose(0, 3, 1, 2))
-        maps.append(session.run(["anomaly_map"], {"images": batch})[0][:, 0])
-    return {"fused": np.concatenate(maps).astype(np.float32)}
+def onnx_maps(onnx_path: Path, images: np.ndarray, boxes: np.ndarray | None,
+              batch_size: int = 4) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from edgestad.onnx_session import ort_session, run_session
+    session = ort_session(onnx_path)
+    batch = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    return {"model": run_session(session, batch, batch_size, boxes)}
+
+
+def to_eval_grid(maps: np.ndarray, boxes: np.ndarray | None) -> np.ndarray:
+    """Letterboxed maps cropped to their valid boxes and resampled onto the masks' grid."""
+    if boxes is None:
+        return maps
+    return np.stack([map_to_eval_grid(m, b) for m, b in zip(maps, boxes)])
 
 
 def compute_metrics(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray,
-                    defect_types: list[str], integration_limit: float = 0.3) -> dict:
-    """Overall and per-defect-type metrics; the image score is the maximum of each map."""
-    scores = maps.reshape(len(maps), -1).max(axis=1)
+                    defect_types: list[str], scores: np.ndarray | None = None,
+                    integration_limit: float = 0.3) -> dict:
+    """Overall and per-defect-type metrics; ``scores`` are the image scores (default: map max)."""
+    if scores is None:
+        scores = maps.reshape(len(maps), -1).max(axis=1)
     result = {
         "au_pro": metrics.au_pro(list(maps), list(masks), integration_limit),
         "pixel_auroc": metrics.pixel_auroc(list(maps), list(masks)),
@@ -77,53 +91,91 @@ def compute_metrics(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray,
     return result
 
 
+def decisions(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    """OK/NG at the bundle's image threshold: defective parts caught, good parts rejected."""
+    ng = scores > threshold
+    bad, good = labels == 1, labels == 0
+    return {"threshold": float(threshold),
+            "defective_ng": int((ng & bad).sum()), "defective_total": int(bad.sum()),
+            "good_ng": int((ng & good).sum()), "good_total": int(good.sum()),
+            "defective_caught": float((ng & bad).sum() / max(1, bad.sum())),
+            "good_rejected": float((ng & good).sum() / max(1, good.sum()))}
+
+
+def model_line(manifest: dict) -> str:
+    """"stfpm (backbone efficientnet-lite0, weights sha256 5793…)" for every printed result."""
+    backbone = manifest.get("backbone") or {}
+    text = manifest.get("method", "?")
+    if backbone.get("name"):
+        text += f" (backbone {backbone['name']}"
+        if backbone.get("sha256"):
+            text += f", weights sha256 {backbone['sha256'][:12]}"
+        text += ")"
+    return text
+
+
 def evaluate_bundle(bundle_path: Path, data: Path, out_dir: Path, backend: str = "torch",
                     precision: str = "fp32", device: str = "cpu", batch_size: int = 4,
                     plots: bool = True, record: bool = True) -> dict:
     bundle = load_bundle(bundle_path)
     h, w = bundle.input_size
-    images, masks, labels, defect_types, paths = load_test_set(data, (h, w))
+    resize = bundle.manifest["input"].get("resize", "area_or_linear")
+    images, masks, labels, defect_types, paths, boxes = load_test_set(
+        data, (h, w), resize=resize, with_boxes=True)
+    boxes = boxes if uses_valid_box(bundle.manifest["input"]) else None
     start = time.time()
     if backend == "torch":
-        all_maps = torch_maps(bundle, images, device, batch_size)
+        outputs = torch_maps(bundle, images, boxes, device, batch_size)
     elif backend == "onnx":
         name = bundle.manifest.get("exports", {}).get("onnx", {}).get(precision)
         if not name:
             raise click.ClickException(f"bundle {bundle_path} has no exported {precision} ONNX "
                                        f"graph; run 'edgestad export {bundle_path} --precision "
                                        f"{precision}' first")
-        all_maps = onnx_maps(bundle.file(name), images, batch_size)
+        outputs = onnx_maps(bundle.file(name), images, boxes, batch_size)
     else:
         raise click.BadParameter(f"unknown backend {backend!r}", param_hint="--backend")
     seconds = time.time() - start
-    results = {key: compute_metrics(m, masks, labels, defect_types)
-               for key, m in all_maps.items()}
+    all_maps = {k: to_eval_grid(m, boxes) for k, (m, _) in outputs.items()}
+    results = {key: compute_metrics(all_maps[key], masks, labels, defect_types, outputs[key][1])
+               for key in all_maps}
     report = {"bundle": str(bundle_path), "data": str(data), "backend": backend,
+              "method": bundle.manifest["method"], "backbone": bundle.manifest.get("backbone"),
+              "model": model_line(bundle.manifest),
+              "image_score_rule": bundle.manifest.get("image_score", "max"),
+              "resize": resize,
               "precision": precision if backend == "onnx" else "fp32 (torch)",
               "test_images": int(len(images)), "anomalous": int(labels.sum()),
-              "seconds": round(seconds, 1), **results["fused"],
-              "per_scale": {k: {m: v[m] for m in ("au_pro", "pixel_auroc", "image_auroc")}
-                            for k, v in results.items() if k != "fused"},
+              "seconds": round(seconds, 1), **results["model"],
+              "parts": {k: {m: v[m] for m in ("au_pro", "pixel_auroc", "image_auroc")}
+                        for k, v in results.items() if k != "model"},
               "thresholds": bundle.manifest.get("thresholds")}
     thresholds = bundle.manifest.get("thresholds") or {}
     if "image" in thresholds:
-        scores = all_maps["fused"].reshape(len(images), -1).max(axis=1)
-        ng = scores > thresholds["image"]
-        report["decisions_at_bundle_threshold"] = {
-            "true_ng": int((ng & (labels == 1)).sum()), "missed": int((~ng & (labels == 1)).sum()),
-            "false_ng": int((ng & (labels == 0)).sum()), "true_ok": int((~ng & (labels == 0)).sum())}
+        report["decisions_at_bundle_threshold"] = decisions(outputs["model"][1], labels,
+                                                            thresholds["image"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     (out_dir / "per_defect_type.md").write_text(per_type_table(report))
     if plots:
         plot_pro_curves(all_maps, masks, out_dir / "pro_curve.png")
-        save_overlays(images, all_maps["fused"], masks, labels, defect_types, paths, out_dir)
+        save_overlays(images if boxes is None else _eval_grid_images(images, boxes),
+                      all_maps["model"], masks, labels, defect_types, paths, out_dir)
     if record and bundle.path == Path(bundle_path):
         add_files(bundle_path, {}, {"evaluation": {
             k: report[k] for k in ("data", "backend", "precision", "au_pro", "pixel_auroc",
-                                   "image_auroc", "per_scale", "test_images")}})
+                                   "image_auroc", "parts", "test_images",
+                                   "decisions_at_bundle_threshold") if k in report}})
     return report
+
+
+def _eval_grid_images(images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    out = np.empty_like(images)
+    for i, (img, box) in enumerate(zip(images, boxes)):
+        for c in range(3):
+            out[i, ..., c] = map_to_eval_grid(img[..., c].astype(np.float32), box).clip(0, 255)
+    return out
 
 
 def per_type_table(report: dict) -> str:
@@ -198,8 +250,15 @@ def evaluate_command(bundle, data, out_dir, backend, precision, device, batch_si
     """Evaluate BUNDLE on the MVTec-layout category DATA."""
     out_dir = out_dir or bundle.parent / f"{bundle.name}_eval"
     report = evaluate_bundle(bundle, data, out_dir, backend, precision, device, batch_size)
+    click.echo(f"model: {report['model']}; image score: {report['image_score_rule']}; "
+               f"resize: {report['resize']}")
     click.echo(per_type_table(report))
-    for key, m in report["per_scale"].items():
+    for key, m in report["parts"].items():
         click.echo(f"{key}: AU-PRO {m['au_pro']:.3f}  pixel AUROC {m['pixel_auroc']:.3f}  "
                    f"image AUROC {m['image_auroc']:.3f}")
+    d = report.get("decisions_at_bundle_threshold")
+    if d:
+        click.echo(f"at the bundle's image threshold {d['threshold']:.4g}: "
+                   f"{d['defective_ng']}/{d['defective_total']} defective parts NG, "
+                   f"{d['good_ng']}/{d['good_total']} good parts NG")
     click.echo(f"report written to {out_dir}")

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from edgestad.bundle import Bundle
+from edgestad.contract import uses_valid_box
 from edgestad.data import DataError, MVTecCategory, good_images, load_images, load_test_set, split_train_val
 
 
@@ -75,20 +76,26 @@ def calibration_images(bundle: Bundle, n: int, data: str | os.PathLike | None = 
     """(uint8 N x 3 x H x W, their paths): ``n`` good training images at the model input size."""
     paths = pick_evenly(training_image_paths(bundle, data), n)
     try:
-        images = load_images(paths, bundle.input_size)
+        images = load_images(paths, bundle.input_size, resize=_resize(bundle))
     except DataError as exc:
         raise CalibrationError(str(exc)) from exc
     return to_nchw(images), paths
 
 
+def _resize(bundle: Bundle) -> str:
+    return bundle.manifest["input"].get("resize", "area_or_linear")
+
+
 def test_set(bundle: Bundle, data: str | os.PathLike | None = None):
-    """(images N x 3 x H x W, masks N x H x W bool, labels N) of an MVTec-layout test set, or None
-    when the data folder has no ``test/`` (a plain folder of good images)."""
+    """(images N x 3 x H x W, masks N x H x W bool, labels N, boxes N x 4 or None) of an
+    MVTec-layout test set, or None when the data folder has no ``test/`` (a plain folder of good
+    images). Boxes are given for letterbox bundles only."""
     folder = data_folder(bundle, data)
     if not (folder / "test").is_dir():
         return None
     try:
-        images, masks, labels, _types, _paths = load_test_set(MVTecCategory(folder), bundle.input_size)
+        images, masks, labels, _types, _paths, boxes = load_test_set(
+            MVTecCategory(folder), bundle.input_size, resize=_resize(bundle), with_boxes=True)
     except DataError as exc:
         raise CalibrationError(str(exc)) from exc
-    return to_nchw(images), masks, labels
+    return to_nchw(images), masks, labels, (boxes if uses_valid_box(bundle.manifest["input"]) else None)

@@ -44,14 +44,15 @@ PRECISION_CHOICES = ["fp32", "fp16", "int8", "all"]
                    "~/.cache/edgestad/tensorrt/timing_<gpu>_sm<cc>_trt<version>.cache).")
 @click.option("--engine/--no-engine", "engine", default=None,
               help="Build TensorRT engines (default: when TensorRT and a GPU are present).")
-@click.option("--fused/--separate", "fused", default=False, show_default=True,
-              help="Export each scale's teacher and students as one network (stacked first "
-              "convolution, grouped convolutions after); same maps. See README Performance.")
+@click.option("--form", default="default", show_default=True,
+              help="A deploy form of the method: uninformed_students has 'fused' (each scale's "
+              "teacher and students as one grouped network; same maps). See README Performance.")
+@click.option("--fused", "fused", is_flag=True, help="Same as --form fused.")
 @click.option("--force", is_flag=True, help="Re-export graphs even when the bundle's are current.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="ONNX Runtime threads for the parity/accuracy runs (default: all cores).")
 def export(bundle, precisions, opset, batch, max_batch, calibration_images, calibration_method,
-           calibration_data, parity_images, accuracy, workspace_mb, timing_cache, engine, fused, force, threads):
+           calibration_data, parity_images, accuracy, workspace_mb, timing_cache, engine, form, fused, force, threads):
     """Export BUNDLE to ONNX graphs (model.onnx, model.fp16.onnx, model.int8.onnx) and, where
     TensorRT and a GPU are present, TensorRT engines, all added to the bundle.
 
@@ -75,7 +76,7 @@ def export(bundle, precisions, opset, batch, max_batch, calibration_images, cali
         max_batch=max_batch, calibration_images=calibration_images,
         calibration_method=calibration_method, calibration_data=calibration_data,
         parity_images=parity_images, accuracy=accuracy, engine=engine, workspace_mb=workspace_mb,
-        timing_cache=timing_cache, fused=fused, force=force, threads=threads)
+        timing_cache=timing_cache, form="fused" if fused else form, force=force, threads=threads)
     result = _run(bundle_path, options, export_bundle, (BundleError, ExportError))
     _summary(result)
 

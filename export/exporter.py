@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from edgestad.bundle import WEIGHTS_NAME, Bundle, add_files, load_bundle
+from edgestad.contract import VALID_BOX_NAME, uses_valid_box
 
 from .graph import (DEFAULT_OPSET, INPUT_NAME, MAP_NAME, METADATA_FORMAT, ONNX_FILES, PRECISIONS,
                     REPORT_FILE, SCORE_NAME, check_io_contract, default_opset, op_counts,
@@ -57,7 +58,7 @@ class ExportOptions:
     force: bool = False               # re-export even when the bundle's graphs are current
     threads: int | None = None        # ONNX Runtime intra-op threads for parity runs
     batch_size: int = 4               # images per ONNX Runtime / torch call in parity runs
-    fused: bool = False               # export the fused teacher+students form (edgestad.models.fused)
+    form: str = "default"             # a deploy form of the method (e.g. uninformed_students' "fused")
 
 
 @dataclass
@@ -114,6 +115,7 @@ def _graph_metadata(bundle: Bundle, precision: str, opset: int, extra: dict) -> 
     return {
         "edgestad.format": METADATA_FORMAT,
         "method": manifest["method"],
+        "backbone": (manifest.get("backbone") or {}).get("name", ""),
         "precision": precision,
         "opset": str(opset),
         "input_size": [height, width],
@@ -122,6 +124,7 @@ def _graph_metadata(bundle: Bundle, precision: str, opset: int, extra: dict) -> 
                   "resize": inp.get("resize", "area_or_linear")},
         "outputs": {MAP_NAME: ["batch", 1, height, width], SCORE_NAME: ["batch"],
                     "dtype": "float32", "image_score": manifest.get("image_score", "max")},
+        "valid_box": uses_valid_box(inp),
         "thresholds": _thresholds_text(manifest),
         "weights_sha256": manifest["files"][WEIGHTS_NAME],
         "producer": "edgestad",
@@ -131,7 +134,7 @@ def _graph_metadata(bundle: Bundle, precision: str, opset: int, extra: dict) -> 
 
 
 def _form(options: ExportOptions) -> str:
-    return "fused" if options.fused else "separate"
+    return options.form
 
 
 def _reusable(meta: dict, precision: str, bundle: Bundle, options: ExportOptions,
@@ -149,8 +152,9 @@ def _reusable(meta: dict, precision: str, bundle: Bundle, options: ExportOptions
     ]
     if precision == "fp32":
         form = _form(options)
-        checks.append((meta.get("network_form", "separate") == form,
-                       f"network form {meta.get('network_form', 'separate')} != {form}"))
+        stored = meta.get("network_form", "default")
+        stored = "default" if stored == "separate" else stored
+        checks.append((stored == form, f"network form {stored} != {form}"))
     if precision != "fp32":
         checks.append((meta.get("source_fp32_sha256") == fp32_sha, "fp32 graph changed"))
     if precision == "int8":
@@ -203,7 +207,7 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
     torch_model = None
     if new:  # the torch model is the parity reference whenever a graph is made
         try:
-            from edgestad.models import load_model
+            from edgestad.methods import load_model
             torch_model = load_model(bundle)
         except ImportError as exc:
             if "fp32" in new:
@@ -224,14 +228,23 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
     if "fp32" in new:
         from .onnx_export import export_fp32
         graph_source = torch_model
-        if options.fused:
-            # Teacher and students of each scale as one network (grouped convolutions); parity
-            # below still compares with the separate torch networks.
-            from edgestad.models.fused import fuse_model
-            graph_source = fuse_model(torch_model)
-        log(f"exporting fp32 graph (opset {options.opset}, {_form(options)} networks) from the "
-            "torch model ...")
-        models["fp32"] = export_fp32(graph_source, bundle.input_size, options.opset)
+        if options.form != "default":
+            # An alternative form of the same model (e.g. Uninformed Students' fused ensemble);
+            # parity below still compares with the bundle's own torch model.
+            from edgestad.methods import get_method
+            forms = get_method(manifest["method"]).deploy_forms()
+            if options.form not in forms:
+                raise ExportError(f"--form {options.form}: method {manifest['method']} has no such "
+                                  f"deploy form (it has: {', '.join(['default', *forms])})")
+            graph_source = forms[options.form](torch_model)
+        log(f"exporting fp32 graph (opset {options.opset}, {manifest['method']}, "
+            f"{_form(options)} form) from the torch model ...")
+        from edgestad.methods import get_method
+        method = get_method(manifest["method"])
+        fp32_modules = method.fp32_modules(method.config_cls.from_dict(manifest["method_config"]))
+        models["fp32"] = export_fp32(graph_source, bundle.input_size, options.opset,
+                                     valid_box=uses_valid_box(manifest["input"]),
+                                     fp32_modules=fp32_modules)
         details["fp32"] = {"rule": "float32 everywhere (reference graph)",
                            "network_form": _form(options)}
     fp32_model = models.get("fp32") or onnx.load_from_string(graphs["fp32"])
@@ -269,7 +282,7 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
     for precision in targets:
         model = models.get(precision) or onnx.load_from_string(graphs[precision])
         what = f"{ONNX_FILES[precision]} ({precision})"
-        check_io_contract(model, bundle.input_size)
+        check_io_contract(model, bundle.input_size, uses_valid_box(manifest["input"]))
         compat[precision] = assert_tensorrt_compatible(model, what).summary()
         log(f"  {what}: TensorRT-compatible ({compat[precision]['checked_nodes']} nodes, opset "
             f"{compat[precision]['opset']})")
@@ -288,8 +301,10 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
                 log("  no test/ folder in the data: accuracy cost not measured")
             else:
                 log(f"accuracy cost on {len(test[0])} test images ...")
-                report_accuracy = accuracy_cost(measured, *test, batch_size=options.batch_size,
-                                                threads=options.threads, log=log)
+                images, masks, labels, boxes = test
+                report_accuracy = accuracy_cost(measured, images, masks, labels,
+                                                batch_size=options.batch_size,
+                                                threads=options.threads, log=log, boxes=boxes)
 
     # --- 5. write graphs + report + manifest in one add_files -------------------------------------
     old_report = _read_report(bundle)
@@ -428,6 +443,9 @@ def _exports_section(bundle: Bundle, targets, details, options, engines, graphs)
         "opset": options.opset,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "color": "RGB",
                   "shape": ["batch", 3, height, width], "value_range": [0, 255]},
+        "valid_box": ({"name": VALID_BOX_NAME, "dtype": "float32", "shape": ["batch", 4],
+                       "meaning": "top, left, bottom, right of the image on the letterbox canvas"}
+                      if uses_valid_box(bundle.manifest["input"]) else None),
         "outputs": {MAP_NAME: {"dtype": "float32", "shape": ["batch", 1, height, width]},
                     SCORE_NAME: {"dtype": "float32", "shape": ["batch"]}},
         "report": REPORT_FILE,

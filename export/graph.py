@@ -18,14 +18,8 @@ from typing import Any, Iterable, Mapping
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-INPUT_NAME = "images"
-MAP_NAME = "anomaly_map"
-SCORE_NAME = "image_score"
-OUTPUT_NAMES = (MAP_NAME, SCORE_NAME)
-BATCH_DIM = "batch"
-PRECISIONS = ("fp32", "fp16", "int8")
-ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-REPORT_FILE = "export_report.json"
+from edgestad.contract import (BATCH_DIM, INPUT_NAME, MAP_NAME, ONNX_FILES,  # noqa: F401
+                               OUTPUT_NAMES, PRECISIONS, REPORT_FILE, SCORE_NAME, VALID_BOX_NAME)
 # Opset 17 is the newest TensorRT 8.6 (JetPack 6.0) parses; TensorRT 10 reads up to 20+.
 # torch's exporter writes opset 18, which downgrade_to_opset17 rewrites exactly (see there).
 DEFAULT_OPSET = 17
@@ -45,15 +39,27 @@ def _dims(value_info: onnx.ValueInfoProto) -> list:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
 
 
-def io_contract_problems(model: onnx.ModelProto, input_size: tuple[int, int] | None = None) -> list[str]:
-    """What is wrong with the graph's inputs and outputs (empty list: matches the contract)."""
+def io_contract_problems(model: onnx.ModelProto, input_size: tuple[int, int] | None = None,
+                         valid_box: bool | None = None) -> list[str]:
+    """What is wrong with the graph's inputs and outputs (empty list: matches the contract).
+    ``valid_box``: whether the graph must (True) / must not (False) take the letterbox input."""
     problems = []
     graph = model.graph
     init_names = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in init_names]
-    if [i.name for i in inputs] != [INPUT_NAME]:
-        problems.append(f"graph inputs are {[i.name for i in inputs]}, expected ['{INPUT_NAME}']")
+    names = [i.name for i in inputs]
+    if valid_box is None:
+        valid_box = VALID_BOX_NAME in names
+    expected = [INPUT_NAME, VALID_BOX_NAME] if valid_box else [INPUT_NAME]
+    if names != expected:
+        problems.append(f"graph inputs are {names}, expected {expected}")
     else:
+        if valid_box:
+            box = inputs[1]
+            if box.type.tensor_type.elem_type != TensorProto.FLOAT or len(_dims(box)) != 2 \
+                    or _dims(box)[1] != 4:
+                problems.append(f"input '{VALID_BOX_NAME}' must be FLOAT [batch, 4], got "
+                                f"{TensorProto.DataType.Name(box.type.tensor_type.elem_type)} {_dims(box)}")
         inp = inputs[0]
         dtype = inp.type.tensor_type.elem_type
         if dtype != TensorProto.UINT8:
@@ -77,8 +83,9 @@ def io_contract_problems(model: onnx.ModelProto, input_size: tuple[int, int] | N
     return problems
 
 
-def check_io_contract(model: onnx.ModelProto, input_size: tuple[int, int] | None = None) -> None:
-    problems = io_contract_problems(model, input_size)
+def check_io_contract(model: onnx.ModelProto, input_size: tuple[int, int] | None = None,
+                      valid_box: bool | None = None) -> None:
+    problems = io_contract_problems(model, input_size, valid_box)
     if problems:
         raise GraphError("exported graph breaks the I/O contract: " + "; ".join(problems))
 

@@ -14,7 +14,7 @@ import warnings
 
 import onnx
 
-from .graph import (BATCH_DIM, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAMES, GraphError,
+from .graph import (BATCH_DIM, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAMES, VALID_BOX_NAME, GraphError,
                     check_io_contract, convert_opset, finalize)
 
 EXPORTER_OPSET = 18
@@ -38,9 +38,35 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
+FP32_NODES_KEY = "edgestad.fp32_nodes"
+
+
+def nodes_in_modules(proto: onnx.ModelProto, modules) -> list[str]:
+    """Names of the nodes the exporter attributes to any of the module paths ``modules`` (from
+    torch.onnx's ``pkg.torch.onnx.name_scopes`` node metadata)."""
+    import ast
+    wanted = tuple(m for m in modules if m)
+    if not wanted:
+        return []
+    found = []
+    for node in proto.graph.node:
+        for prop in node.metadata_props:
+            if prop.key != "pkg.torch.onnx.name_scopes":
+                continue
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                continue
+            if any(sc == m or sc.startswith(m + ".") for sc in scopes for m in wanted):
+                found.append(node.name)
+    return found
+
+
 def export_fp32(model, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,
-                example_batch: int = 2) -> onnx.ModelProto:
-    """The fp32 ONNX graph of ``model`` (images uint8 N x 3 x H x W -> map, score).
+                example_batch: int = 2, valid_box: bool = False,
+                fp32_modules=()) -> onnx.ModelProto:
+    """The fp32 ONNX graph of ``model`` (images uint8 N x 3 x H x W [, valid_box N x 4] -> map,
+    score).
 
     The example batch is 2, not 1: torch.export specialises a dimension whose example size is 1.
     """
@@ -52,15 +78,28 @@ def export_fp32(model, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,
                             generator=generator)
     batch = torch.export.Dim(BATCH_DIM, min=1)
     model = model.eval().float()
+    args, names, dynamic = (example,), [INPUT_NAME], ({0: batch},)
+    if valid_box:
+        boxes = torch.tensor([[0.0, 0.0, height, width]] * example_batch)
+        args, names, dynamic = (example, boxes), [INPUT_NAME, VALID_BOX_NAME], ({0: batch}, {0: batch})
     with _quiet_exporter(), torch.no_grad():
         try:
             program = torch.onnx.export(
-                model, (example,), dynamo=True, input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES), dynamic_shapes=({0: batch},),
+                model, args, dynamo=True, input_names=names,
+                output_names=list(OUTPUT_NAMES), dynamic_shapes=dynamic,
                 opset_version=EXPORTER_OPSET, optimize=True, verbose=False, external_data=False)
         except Exception as exc:  # the exporter raises many types; keep the cause chained
             raise GraphError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
     proto = program.model_proto
+    # The method's fp32 region (Method.fp32_modules), found while the exporter's scope metadata
+    # is still there; finalize() strips it. fp16/int8 conversion reads the list back.
+    forced = nodes_in_modules(proto, fp32_modules)
+    if fp32_modules and not forced:
+        raise GraphError(f"the method declares fp32 modules {list(fp32_modules)} but no exported "
+                         "node belongs to them")
     proto = finalize(convert_opset(proto, opset))
-    check_io_contract(proto, (height, width))
+    if forced:
+        from .graph import set_metadata
+        set_metadata(proto, {FP32_NODES_KEY: sorted(forced)})
+    check_io_contract(proto, (height, width), valid_box)
     return proto

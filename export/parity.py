@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .graph import INPUT_NAME, MAP_NAME, SCORE_NAME
+from edgestad.onnx_session import ort_session, run_session  # noqa: F401 (re-exported)
 
 FP32_PARITY_TARGET = 1e-4
 INT8_AU_PRO_TARGET = 0.01
@@ -57,30 +57,9 @@ def compare(maps: np.ndarray, scores: np.ndarray, ref_maps: np.ndarray, ref_scor
 # ------------------------------------------------------------------------------ runners
 
 
-def ort_session(model: bytes | str, threads: int | None = None):
-    """A CPU ONNX Runtime session (bytes or path); all graph optimisations on, as deployed."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    options.log_severity_level = 3
-    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
-
-
 def _batches(images: np.ndarray, batch_size: int):
     for start in range(0, len(images), batch_size):
         yield images[start:start + batch_size]
-
-
-def run_session(session, images: np.ndarray, batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 N x 3 x H x W -> (maps float32 N x H x W, scores float32 N)."""
-    maps, scores = [], []
-    for batch in _batches(images, batch_size):
-        out_map, out_score = session.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: batch})
-        maps.append(out_map[:, 0])
-        scores.append(out_score)
-    return np.concatenate(maps), np.concatenate(scores)
 
 
 def run_torch(model, images: np.ndarray, batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -172,8 +151,10 @@ def accuracy_metrics(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, la
 
 def accuracy_cost(graphs: dict[str, bytes], test_images: np.ndarray, masks: np.ndarray,
                   labels: np.ndarray, batch_size: int = 4, threads: int | None = None,
-                  log: Callable[[str], None] = lambda s: None) -> dict:
-    """AU-PRO / AUROCs of every graph on the test set, and the change against the fp32 graph."""
+                  log: Callable[[str], None] = lambda s: None, boxes: np.ndarray | None = None) -> dict:
+    """AU-PRO / AUROCs of every graph on the test set, and the change against the fp32 graph.
+    ``boxes``: valid boxes of letterboxed test images (maps are cropped to them for metrics)."""
+    from edgestad.evaluate import to_eval_grid
     result: dict[str, Any] = {"test_images": int(len(test_images)), "anomalous": int(labels.sum()),
                               "au_pro_integration_limit": 0.3, "baseline": "fp32 graph",
                               "int8_au_pro_target": INT8_AU_PRO_TARGET, "graphs": {}}
@@ -182,8 +163,10 @@ def accuracy_cost(graphs: dict[str, bytes], test_images: np.ndarray, masks: np.n
         if precision not in graphs:
             continue
         t0 = time.perf_counter()
-        maps, scores = run_session(ort_session(graphs[precision], threads), test_images, batch_size)
+        maps, scores = run_session(ort_session(graphs[precision], threads), test_images, batch_size,
+                                   boxes)
         _check_finite(f"the {precision} graph (test set)", maps, scores)
+        maps = to_eval_grid(maps, boxes)
         metrics = accuracy_metrics(maps, scores, masks, labels)
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
         if precision == "fp32":

@@ -79,9 +79,20 @@ class Fp16Split:
     scoring_tail: list[str]
 
 
+def forced_fp32_nodes(model: onnx.ModelProto) -> set[str]:
+    """Nodes the method declared fp32 (``Method.fp32_modules``; stored by export_fp32)."""
+    import json
+    for prop in model.metadata_props:
+        if prop.key == "edgestad.fp32_nodes":
+            return set(json.loads(prop.value))
+    return set()
+
+
 def fp16_split(model: onnx.ModelProto) -> Fp16Split:
-    """Which nodes run fp16 and which stay fp32, by the rule in the module docstring."""
+    """Which nodes run fp16 and which stay fp32, by the rule in the module docstring, minus the
+    nodes the method declared fp32."""
     nodes = list(model.graph.node)
+    forced = forced_fp32_nodes(model)
     convs = [n for n in nodes if n.op_type == "Conv"]
     if not convs:
         raise GraphError("fp16 conversion: the graph has no Conv node, so the fp16 region is empty")
@@ -100,7 +111,8 @@ def fp16_split(model: onnx.ModelProto) -> Fp16Split:
     by_name = {n.name: n for n in nodes}
     normalisation = {n for n in shared_prefix
                      if by_name[n].op_type in ("Cast", "Div", "Sub", "Mul", "Add")}
-    fp16 = [n.name for n in nodes if n.name in feeding and n.name not in normalisation]
+    fp16 = [n.name for n in nodes if n.name in feeding and n.name not in normalisation
+            and n.name not in forced]
     fp32 = [n.name for n in nodes if n.name not in set(fp16)]
     tail = [n.name for n in nodes if n.name not in feeding]
     return Fp16Split(fp16, fp32, sorted(normalisation), tail)
@@ -266,11 +278,12 @@ class ImageCalibrationReader:
     """onnxruntime CalibrationDataReader over uint8 N x 3 x H x W images, one image per batch
     (the calibrator's memory grows with the batch; ranges do not depend on it)."""
 
-    def __init__(self, images: np.ndarray, input_name: str = INPUT_NAME):
+    def __init__(self, images: np.ndarray, input_name: str = INPUT_NAME, with_box: bool = False):
         if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] != 3:
             raise ValueError(f"calibration images must be uint8 N x 3 x H x W, got {images.dtype} {images.shape}")
         self.images = images
         self.input_name = input_name
+        self.with_box = with_box          # letterbox graphs: feed the whole canvas as valid
         self._next = 0
 
     def get_next(self):
@@ -278,7 +291,12 @@ class ImageCalibrationReader:
             return None
         batch = self.images[self._next:self._next + 1]
         self._next += 1
-        return {self.input_name: batch}
+        feed = {self.input_name: batch}
+        if self.with_box:
+            from .graph import VALID_BOX_NAME
+            h, w = batch.shape[-2:]
+            feed[VALID_BOX_NAME] = np.array([[0, 0, h, w]], dtype=np.float32)
+        return feed
 
     def rewind(self) -> None:
         self._next = 0
@@ -319,7 +337,9 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray, method: str = "minm
     class _Reader(ImageCalibrationReader, CalibrationDataReader):
         pass
 
-    reader = _Reader(calibration)
+    from .graph import VALID_BOX_NAME
+    reader = _Reader(calibration, with_box=any(i.name == VALID_BOX_NAME for i in model.graph.input))
+    forced = forced_fp32_nodes(model)
     extra = {
         "ActivationSymmetric": True,      # TensorRT: int8 with zero point 0
         "WeightSymmetric": True,
@@ -335,10 +355,11 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray, method: str = "minm
             quantize_static(
                 str(src), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                 per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
+                nodes_to_exclude=sorted(forced),
                 weight_type=QuantType.QInt8, calibrate_method=calib_method, extra_options=extra)
         quantized = onnx.load(str(dst))
     quantized = finalize(quantized)
-    convs = [n for n in quantized.graph.node if n.op_type == "Conv"]
+    convs = [n for n in quantized.graph.node if n.op_type == "Conv" and n.name not in forced]
     dq_outputs = {n.output[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
     quantized_convs = [c for c in convs if c.input[0] in dq_outputs and c.input[1] in dq_outputs]
     if len(quantized_convs) != len(convs):
@@ -353,5 +374,6 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray, method: str = "minm
         "activation_type": "int8 symmetric, per tensor",
         "weight_type": "int8 symmetric, per output channel (axis 0)",
         "bias": "float32 (not quantized)",
+        "fp32_nodes_declared_by_method": len(forced),
     }
     return quantized, info

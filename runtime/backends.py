@@ -1,8 +1,9 @@
 """Inference backends behind one small interface.
 
 Every backend runs the bundle's exported graph, whose I/O contract is fixed:
-input ``images`` uint8 N x 3 x H x W (RGB), outputs ``anomaly_map`` float32 N x 1 x H x W and
-``image_score`` float32 N. ``Backend.infer(batch) -> (maps N x H x W, scores N)``.
+input ``images`` uint8 N x 3 x H x W (RGB) (+ ``valid_box`` float32 N x 4 for letterbox bundles),
+outputs ``anomaly_map`` float32 N x 1 x H x W and ``image_score`` float32 N (edgestad.contract).
+``Backend.infer(batch, boxes=None) -> (maps N x H x W, scores N)``.
 
 - ``OnnxRuntimeBackend``: ONNX Runtime with the TensorRT EP, CUDA EP, CPU EP, in that order,
   whichever this onnxruntime build offers.
@@ -31,14 +32,12 @@ from .errors import BackendError
 
 log = logging.getLogger("edgestad.runtime.backends")
 
-INPUT_NAME = "images"
-MAP_NAME = "anomaly_map"
-SCORE_NAME = "image_score"
-PRECISIONS = ("fp32", "fp16", "int8")
+from edgestad.contract import (INPUT_NAME, MAP_NAME, ONNX_FILES, PRECISIONS,  # noqa: F401
+                               SCORE_NAME, VALID_BOX_NAME)
 ORT_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # Conventional file names when a manifest has no ``exports`` section (export writes these).
-DEFAULT_ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+DEFAULT_ONNX_FILES = ONNX_FILES
 
 
 class Backend(Protocol):
@@ -48,8 +47,8 @@ class Backend(Protocol):
     model_file: Path
     model_sha256: str
 
-    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, 3, H, W) -> (maps float32 (N, H, W), scores float32 (N,))."""
+    def infer(self, batch: np.ndarray, boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, 3, H, W) [+ valid boxes (N, 4)] -> (maps float32 (N, H, W), scores float32 (N,))."""
 
     def close(self) -> None: ...
 
@@ -144,8 +143,10 @@ class OnnxRuntimeBackend:
         inputs = self.session.get_inputs()
         outputs = {o.name: o for o in self.session.get_outputs()}
         problems = []
-        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
-            problems.append(f"inputs {[i.name for i in inputs]} (expected exactly {INPUT_NAME!r})")
+        names = [i.name for i in inputs]
+        if names not in ([INPUT_NAME], [INPUT_NAME, VALID_BOX_NAME]):
+            problems.append(f"inputs {names} (expected {INPUT_NAME!r}, and {VALID_BOX_NAME!r} "
+                            "for letterbox bundles)")
         elif inputs[0].type != "tensor(uint8)":
             problems.append(f"input {INPUT_NAME!r} is {inputs[0].type} (expected tensor(uint8))")
         for name in (MAP_NAME, SCORE_NAME):
@@ -160,9 +161,10 @@ class OnnxRuntimeBackend:
             raise BackendError(f"{self.model_file} does not follow the edgestad graph contract: " + "; ".join(problems))
         return (int(shape[1]), int(shape[2]), int(shape[3]))
 
-    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, batch: np.ndarray, boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        from edgestad.onnx_session import feeds
         batch = _check_batch(batch, self.input_shape, self.name)
-        maps, scores = self.session.run([MAP_NAME, SCORE_NAME], {INPUT_NAME: batch})
+        maps, scores = self.session.run([MAP_NAME, SCORE_NAME], feeds(self.session, batch, boxes))
         return maps.reshape(batch.shape[0], *maps.shape[-2:]), scores.reshape(batch.shape[0])
 
     def close(self) -> None:
@@ -345,8 +347,11 @@ class TensorRTBackend:
         self.host: dict[str, np.ndarray] = {}
         self.device: dict[str, Any] = {}
         self._dynamic = in_shape[0] < 0
+        self.takes_valid_box = VALID_BOX_NAME in names
         if self._dynamic:
             self.context.set_input_shape(INPUT_NAME, (self.max_batch, *self.input_shape))
+            if self.takes_valid_box:
+                self.context.set_input_shape(VALID_BOX_NAME, (self.max_batch, 4))
         for name in names:
             dtype = trt.nptype(self.engine.get_tensor_dtype(name))
             shape = tuple(self.context.get_tensor_shape(name))
@@ -358,7 +363,7 @@ class TensorRTBackend:
             raise BackendError(f"{self.model_file.name}: input tensor is {self.host[INPUT_NAME].dtype}, expected uint8")
         self._batch = self.max_batch
 
-    def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, batch: np.ndarray, boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         cuda = self._cuda
         batch = _check_batch(batch, self.input_shape, self.name)
         n = batch.shape[0]
@@ -368,6 +373,8 @@ class TensorRTBackend:
         try:
             if self._dynamic and n != self._batch:
                 self.context.set_input_shape(INPUT_NAME, (n, *self.input_shape))
+                if self.takes_valid_box:
+                    self.context.set_input_shape(VALID_BOX_NAME, (n, 4))
                 self._batch = n
             elif not self._dynamic and n != self.max_batch:
                 raise BackendError(f"engine has fixed batch {self.max_batch}, got {n}")
@@ -376,6 +383,12 @@ class TensorRTBackend:
             flat_in = self.host[INPUT_NAME][: batch.size]
             np.copyto(flat_in, batch.reshape(-1))
             cuda.memcpy_htod_async(self.device[INPUT_NAME], flat_in, self.stream)
+            if self.takes_valid_box:
+                if boxes is None:
+                    boxes = np.tile(np.array([0, 0, h, w], np.float32), (n, 1))
+                flat_box = self.host[VALID_BOX_NAME][: n * 4]
+                np.copyto(flat_box, np.asarray(boxes, np.float32).reshape(-1))
+                cuda.memcpy_htod_async(self.device[VALID_BOX_NAME], flat_box, self.stream)
             if not self.context.execute_async_v3(self.stream.handle):
                 raise BackendError("TensorRT execute_async_v3 failed (see TensorRT log above)")
             cuda.memcpy_dtoh_async(self.host[MAP_NAME][: n * h * w], self.device[MAP_NAME], self.stream)

@@ -291,9 +291,13 @@ class Pipeline:
     def _infer(self, item: Captured) -> FrameResult:
         frame = item.frame
         t0 = time.monotonic()
-        maps, scores = self.backend.infer(item.tensor[None])
+        box = self.preprocessor.valid_box(frame.image.shape[:2])
+        maps, scores = self.backend.infer(item.tensor[None], None if box is None else box[None])
         t1 = time.monotonic()
         amap = maps[0]
+        if box is not None:   # letterbox: the map of the image itself, without the padding
+            top, left, bottom, right = (int(v) for v in box)
+            amap = amap[top:bottom, left:right]
         score = float(scores[0])
         h, w = frame.image.shape[:2]
         regions, total = find_regions(amap, self.thresholds.pixel, (w, h), self.min_region_area, self.max_regions)

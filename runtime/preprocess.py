@@ -14,11 +14,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgestad.data import DataError, resize_image, to_rgb_uint8
+from edgestad.data import (LETTERBOX_PAD_VALUE, DataError, letterbox_geometry, letterbox_image,
+                           resize_image, to_rgb_uint8)
 
 from .errors import BackendError, FrameError
 
-SUPPORTED_RESIZE = ("area_or_linear",)
+SUPPORTED_RESIZE = ("area_or_linear", "letterbox")
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,29 @@ class Preprocessor:
                     f"is {w}x{h}"
                 )
 
+    @property
+    def letterbox(self) -> bool:
+        return self.spec.resize == "letterbox"
+
+    def valid_box(self, frame_hw: tuple[int, int]) -> np.ndarray | None:
+        """Letterbox bundles: (top, left, bottom, right) of a frame of this size on the canvas;
+        None for squashing bundles (the whole canvas is image)."""
+        if not self.letterbox:
+            return None
+        nh, nw, top, left = letterbox_geometry(frame_hw[:2], self.size_hw)
+        return np.array([top, left, top + nh, left + nw], dtype=np.float32)
+
     def __call__(self, frame: np.ndarray, color: str = "BGR", source: str = "frame") -> np.ndarray:
         """One frame -> contiguous uint8 array (3, H, W), RGB."""
         self.validate(frame, source)
+        if self.letterbox:
+            try:
+                rgb = frame if color == "RGB" and frame.ndim == 3 and frame.shape[2] == 3 \
+                    else to_rgb_uint8(frame, source)
+                canvas, _ = letterbox_image(rgb, self.size_hw, LETTERBOX_PAD_VALUE)
+            except DataError as exc:
+                raise FrameError(str(exc)) from None
+            return np.ascontiguousarray(canvas.transpose(2, 0, 1))
         try:
             if color == "RGB":
                 rgb = frame if frame.ndim == 3 and frame.shape[2] == 3 else to_rgb_uint8(frame, source)

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from edgestad.bundle import atomic_write_json, sha256_file
-from edgestad.train.checkpoint import read_teacher_file, save_safetensors
+from edgestad.methods.uninformed_students.teachers import read_teacher_file
+from edgestad.train.checkpoint import save_safetensors
 
 DEST = Path(__file__).resolve().parent.parent / "edgestad" / "teachers"
 

@@ -16,7 +16,7 @@ def tiny_teachers(tmp_path_factory, tiny_dataset) -> dict:
     """p → teacher file: width 4, d 8, a few iterations on the demo photos (real P network)."""
     torch = pytest.importorskip("torch")
     from edgestad.data import list_images
-    from edgestad.train.teacher import TeacherConfig, pretrain_teacher
+    from edgestad.methods.uninformed_students.teacher import TeacherConfig, pretrain_teacher
     out = tmp_path_factory.mktemp("teachers")
     images = list_images(tiny_dataset / "train" / "good")
     torch.set_num_threads(2)

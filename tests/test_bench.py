@@ -6,10 +6,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgestad.bench import (SCHEMA, bench_command, count_gflops, export_onnx, onnx_conv_gflops,
+from edgestad.bench.cli import (SCHEMA, bench_command, count_gflops, export_onnx, onnx_conv_gflops,
                             random_uninformed_students, time_calls)
-from edgestad.models.efficientad import EfficientADS
-from edgestad.models.fused import fuse_model
+from edgestad.bench.efficientad import EfficientADS
+from edgestad.methods.uninformed_students.fused import fuse_model
 
 TINY = ["-p", "17", "-p", "33", "--width", "4", "--descriptor-dim", "4", "--students", "2",
         "--input-size", "40x36"]

@@ -24,7 +24,7 @@ from edgestad.export import graph as G  # noqa: E402
 from edgestad.export.precision import fp16_split  # noqa: E402
 from edgestad.export.trt_compat import (TrtCompatError, assert_tensorrt_compatible,  # noqa: E402
                                         check_tensorrt_compatible)
-from edgestad.models import build_model, load_model  # noqa: E402
+from edgestad.methods import build_model, load_model  # noqa: E402
 
 SIZE = 64
 FAST = ["--calibration-images", "4", "--parity-images", "2", "--threads", "2"]
@@ -238,7 +238,7 @@ def test_fused_export_is_one_grouped_network_per_scale_with_the_same_maps(export
     result = CliRunner().invoke(main, ["export", str(work), "-p", "fp32", "--fused",
                                        "--no-accuracy", *FAST])
     assert result.exit_code == 0, result.output
-    assert "network form separate != fused" in result.output   # the separate graph was replaced
+    assert "network form default != fused" in result.output   # the separate graph was replaced
     fused = onnx.load(str(work / "model.onnx"))
     assert G.read_metadata(fused)["network_form"] == "fused"
     groups = [next((a.i for a in n.attribute if a.name == "group"), 1)
@@ -258,7 +258,7 @@ def test_fused_export_is_one_grouped_network_per_scale_with_the_same_maps(export
     assert report["graphs"]["fp32"]["parity"]["vs_torch"]["passed"]
     # Asking for the separate form again re-exports (and says why).
     result = CliRunner().invoke(main, ["export", str(work), "-p", "fp32", "--no-accuracy", *FAST])
-    assert result.exit_code == 0 and "network form fused != separate" in result.output
+    assert result.exit_code == 0 and "network form fused != default" in result.output
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -319,8 +319,18 @@ class _DilatedConfig(dict):
 
 
 def test_tensorrt_incompatible_graph_is_refused_with_nothing_written(tmp_path, tiny_dataset, monkeypatch):
-    from edgestad import models
-    monkeypatch.setitem(models.METHODS, "dilated_pool_demo", (_DilatedConfig, _DilatedPoolNet))
+    from edgestad import methods
+    from edgestad.methods.base import Method
+
+    class _DilatedMethod(Method):
+        name = "dilated_pool_demo"
+        config_cls = _DilatedConfig
+
+        def build(self, config):
+            return _DilatedPoolNet(config)
+
+    monkeypatch.setitem(methods._METHOD_MODULES, "dilated_pool_demo", __name__)
+    monkeypatch.setitem(methods._REGISTRY, "dilated_pool_demo", _DilatedMethod())
     manifest = _tiny_manifest(tiny_dataset)
     manifest["method"], manifest["method_config"] = "dilated_pool_demo", {}
     net = _DilatedPoolNet({})

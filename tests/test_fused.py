@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from edgestad.models.fused import FusedPatchEnsemble, FusedUninformedStudents, fuse_model
-from edgestad.models.patchnet import PatchNet, num_poolings
-from edgestad.models.uninformed_students import StudentTeacherConfig, UninformedStudents
+from edgestad.methods.uninformed_students.fused import FusedPatchEnsemble, FusedUninformedStudents, fuse_model
+from edgestad.methods.uninformed_students.patchnet import PatchNet, num_poolings
+from edgestad.methods.uninformed_students.model import UninformedStudentsConfig as StudentTeacherConfig, UninformedStudents
 
 CASES = [(p, s) for p in (17, 33, 65) for s in (1, 2, 4) if s <= 2 ** num_poolings(p)]
 

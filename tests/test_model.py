@@ -1,8 +1,8 @@
 """UninformedStudents: the scoring math of eq. 8-12 and the in-graph upsampling."""
 import torch
 
-from edgestad.models import build_model
-from edgestad.models.uninformed_students import StudentTeacherConfig, UninformedStudents
+from edgestad.methods import build_model
+from edgestad.methods.uninformed_students.model import UninformedStudentsConfig as StudentTeacherConfig, UninformedStudents
 
 
 def _model(patch_sizes=(17,), **kw):

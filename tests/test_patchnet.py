@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgestad.models.patchnet import (ARCHITECTURES, PatchNet, receptive_field, shifted_max_pool,
+from edgestad.methods.uninformed_students.patchnet import (ARCHITECTURES, PatchNet, receptive_field, shifted_max_pool,
                                       strided_pools_for)
 
 

@@ -195,8 +195,8 @@ def test_unsupported_manifest_preprocessing_is_refused():
     base = {"height": 8, "width": 8}
     with pytest.raises(BackendError, match="color='BGR'"):
         InputSpec.from_manifest({"input": {**base, "color": "BGR"}})
-    with pytest.raises(BackendError, match="resize='letterbox'"):
-        InputSpec.from_manifest({"input": {**base, "resize": "letterbox"}})
+    with pytest.raises(BackendError, match="resize='nearest'"):
+        InputSpec.from_manifest({"input": {**base, "resize": "nearest"}})
     with pytest.raises(BackendError, match="no 'input' section"):
         InputSpec.from_manifest({})
 

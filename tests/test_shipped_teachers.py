@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from edgestad.bundle import sha256_file
-from edgestad.models.patchnet import PatchNet, receptive_field
-from edgestad.train.checkpoint import load_teacher
-from edgestad.train.teachers import shipped_teacher_path
-from edgestad.train.teacher import mean_abs_offdiag_correlation
-from edgestad.models.uninformed_students import IMAGENET_MEAN, IMAGENET_STD
+from edgestad.methods.uninformed_students.patchnet import PatchNet, receptive_field
+from edgestad.methods.uninformed_students.teachers import load_teacher
+from edgestad.methods.uninformed_students.teachers import shipped_teacher_path
+from edgestad.methods.uninformed_students.teacher import mean_abs_offdiag_correlation
+from edgestad.methods.common.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 INDEX = shipped_teacher_path(17).parent / "teachers.json"
 

@@ -1,61 +1,63 @@
-"""Calibration on validation good images: score statistics (eq. 11) and decision thresholds."""
+"""Decision thresholds from validation good images only (defects are never shown).
+
+pixel: the (1 − pixel_fpr) quantile of all valid validation pixels: a pixel false-positive rate
+of ``pixel_fpr`` on good parts.
+
+image: a false-reject target fitted to the validation image scores. The scores of good parts are
+modelled as a normal distribution (mean and standard deviation of the validation scores) and the
+threshold is its (1 − false_reject) quantile, μ + z·σ. Unlike "the largest validation score",
+it does not sit on one extreme value of a few dozen images, and the target says what it means:
+the share of good parts expected to be rejected. ``false_reject = 0`` keeps the old rule (the
+largest validation score).
+"""
 from __future__ import annotations
+
+from statistics import NormalDist
 
 import numpy as np
 import torch
 
-from edgestad.models.uninformed_students import UninformedStudents
-
 
 @torch.no_grad()
-def fit_score_stats(model: UninformedStudents, images: torch.Tensor, device,
-                    batch_size: int = 4) -> dict:
-    """Mean and std of e and v over all (sampled) pixels of the validation good images."""
-    model.eval().to(device)
-    stats = {}
-    for p in model.config.patch_sizes:
-        acc = np.zeros(4)          # sum e, sum e², sum v, sum v²
-        count = 0
-        for start in range(0, len(images), batch_size):
-            x = model.normalize_input(images[start:start + batch_size].to(device))
-            e, v = model.error_and_variance(x, p)
-            e, v = e.double(), v.double()
-            acc += [float(e.sum()), float((e ** 2).sum()), float(v.sum()), float((v ** 2).sum())]
-            count += e.numel()
-        e_mean, v_mean = acc[0] / count, acc[2] / count
-        e_std = max(np.sqrt(max(acc[1] / count - e_mean ** 2, 0.0)), 1e-12)
-        v_std = max(np.sqrt(max(acc[3] / count - v_mean ** 2, 0.0)), 1e-12)
-        getattr(model, f"score_stats_{p}").copy_(torch.tensor([e_mean, e_std, v_mean, v_std]))
-        stats[str(p)] = {"e_mean": e_mean, "e_std": e_std, "v_mean": v_mean, "v_std": v_std}
-    return stats
-
-
-@torch.no_grad()
-def predict(model: UninformedStudents, images: torch.Tensor, device, batch_size: int = 4):
-    """(maps N×H×W float32, image scores N) for uint8 N×3×H×W images."""
+def predict(model, images: torch.Tensor, device, batch_size: int = 4, boxes=None):
+    """(maps N×H×W float32, image scores N) for uint8 N×3×H×W images (and valid boxes)."""
     model.eval().to(device)
     maps, scores = [], []
     for start in range(0, len(images), batch_size):
-        m, s = model(images[start:start + batch_size].to(device))
+        box = None if boxes is None else boxes[start:start + batch_size].to(device)
+        m, s = model(images[start:start + batch_size].to(device), box)
         maps.append(m[:, 0].float().cpu().numpy())
         scores.append(s.float().cpu().numpy())
     return np.concatenate(maps), np.concatenate(scores)
 
 
-def fit_thresholds(val_maps: np.ndarray, val_scores: np.ndarray, pixel_fpr: float = 0.001,
-                   image_fpr: float = 0.0) -> dict:
-    """Thresholds from anomaly-free validation images only (defects are never shown).
+def valid_pixels(maps: np.ndarray, boxes: np.ndarray | None) -> np.ndarray:
+    if boxes is None:
+        return maps.reshape(-1)
+    parts = []
+    for amap, box in zip(maps, boxes):
+        top, left, bottom, right = (int(round(float(v))) for v in box)
+        parts.append(amap[top:bottom, left:right].reshape(-1))
+    return np.concatenate(parts)
 
-    pixel: the (1 − pixel_fpr) quantile of all validation pixel scores, i.e. a pixel false
-    positive rate of pixel_fpr on good parts. image: the (1 − image_fpr) quantile of validation
-    image scores (image_fpr = 0 → the largest: every validation good image passes as OK).
-    The image score is the maximum of the anomaly map.
-    """
-    pixel = float(np.quantile(val_maps, 1.0 - pixel_fpr))
-    image = float(np.quantile(val_scores, 1.0 - image_fpr))
-    return {"pixel": pixel, "image": image,
+
+def fit_thresholds(val_maps: np.ndarray, val_scores: np.ndarray, pixel_fpr: float = 0.001,
+                   image_false_reject: float = 0.01, boxes: np.ndarray | None = None) -> dict:
+    pixel = float(np.quantile(valid_pixels(val_maps, boxes), 1.0 - pixel_fpr))
+    scores = np.asarray(val_scores, dtype=np.float64)
+    mu, sigma = float(scores.mean()), float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
+    if image_false_reject > 0:
+        z = NormalDist().inv_cdf(1.0 - image_false_reject)
+        image = mu + z * sigma
+        image_rule = (f"normal fit to validation good image scores: mean + {z:.3f}·std "
+                      f"(false-reject target {image_false_reject:g})")
+    else:
+        image, z = float(scores.max()), None
+        image_rule = "largest validation good image score"
+    return {"pixel": pixel, "image": float(image),
             "rule": {"pixel": f"quantile {1 - pixel_fpr:g} of validation good pixels",
-                     "pixel_fpr": pixel_fpr,
-                     "image": f"quantile {1 - image_fpr:g} of validation good image scores",
-                     "image_fpr": image_fpr, "image_score": "max of the anomaly map",
-                     "validation_images": int(len(val_scores))}}
+                     "pixel_fpr": pixel_fpr, "image": image_rule,
+                     "image_false_reject": image_false_reject,
+                     "validation_score_mean": mu, "validation_score_std": sigma,
+                     "validation_score_max": float(scores.max()),
+                     "validation_images": int(len(scores))}}

@@ -6,16 +6,13 @@ Every write goes to a temporary file that is fsync'd and then renamed over the t
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from edgestad.models.patchnet import PatchNet
 
 
 def _atomic(path: Path, write):
@@ -64,28 +61,3 @@ def save_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None 
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
                .detach().contiguous().cpu() for k, v in tensors.items()}
     _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def read_teacher_file(path: Path) -> tuple[dict, dict]:
-    """(state dict as float32 tensors, metadata) of a teacher .safetensors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            state = {k: f.get_tensor(k).float() for k in f.keys()}
-    except Exception as exc:
-        raise ValueError(f"{path}: not a safetensors teacher file ({exc})") from exc
-    if "edgestad" not in raw:
-        raise ValueError(f"{path}: no edgestad teacher metadata in this safetensors file")
-    return state, json.loads(raw["edgestad"])
-
-
-def load_teacher(path: Path) -> tuple[PatchNet, dict]:
-    """A PatchNet from a teacher file written by `edgestad pretrain-teacher`."""
-    state, meta = read_teacher_file(path)
-    c = meta["config"]
-    net = PatchNet(c["patch_size"], c["descriptor_dim"], c["width"], c["leaky_slope"])
-    net.load_state_dict(state)
-    return net.eval(), meta

@@ -44,7 +44,7 @@ def pretrain_teacher(images, out_dir, patch_size, iterations, batch_size, descri
                      device, time_limit, seed):
     """Pretrain a teacher T̂ on patches of the natural images in IMAGES (paper §3.1)."""
     from edgestad.data import list_images
-    from .teacher import TeacherConfig, pretrain_teacher as run
+    from edgestad.methods.uninformed_students.teacher import TeacherConfig, pretrain_teacher as run
 
     config = TeacherConfig(patch_size=int(patch_size), descriptor_dim=descriptor_dim, width=width,
                            iterations=iterations, batch_size=batch_size, lambda_k=lambda_k,
@@ -52,61 +52,150 @@ def pretrain_teacher(images, out_dir, patch_size, iterations, batch_size, descri
                            cnn_weights=cnn_weights, cnn_input_size=cnn_input_size, seed=seed)
     path = run(list_images(images), out_dir, config, device=_device(device),
                time_limit_s=time_limit)
-    from .checkpoint import read_teacher_file
+    from edgestad.methods.uninformed_students.teachers import read_teacher_file
     _, meta = read_teacher_file(path)
     click.echo(f"wrote {path} after {meta['iterations']} iterations; held-out quality: "
                f"{json.dumps(meta['holdout_quality'])}")
 
 
-# Scales and dense stride of the two documented starting points (width and d come from the
-# teachers). "edge" is chosen from the accuracy–cost frontier (README "Performance").
+# Uninformed Students' two documented starting points (width and d come from the teachers).
+# "edge" is chosen from the accuracy–cost frontier (README "Performance").
 PRESETS = {"paper": {"patch_sizes": (17, 33, 65), "dense_stride": 1},
            "edge": {"patch_sizes": (65,), "dense_stride": 4}}
+
+
+def _methods_help() -> str:
+    from edgestad.methods import DEFAULT_METHOD, list_methods
+    return "\n".join(f"{m.name}{' (default)' if m.name == DEFAULT_METHOD else ''}: {m.summary()}"
+                     for m in list_methods())
+
+
+@click.command("methods")
+def methods():
+    """List the methods `edgestad train --method` accepts: what each is, its paper, its backbone."""
+    click.echo(_methods_help())
+
+
+def _usage(option: str, message: str):
+    raise click.UsageError(f"{option}: {message}")
 
 
 @click.command("train")
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "bundle", type=click.Path(path_type=Path), required=True,
-              help="Bundle directory to write (an interrupted run resumes from <out>.partial).")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True,
-              help="paper = p 17 33 65 at dense stride 1 (exact multi-scale); edge = p 65 at "
-              "dense stride 4, the README's recommended edge default (1/53 of the paper's GFLOP). "
-              "-p and --dense-stride override it.")
+              help="Bundle directory to write. A finished bundle there is kept unless --force; "
+              "an interrupted run resumes from .<out>.partial.")
+@click.option("--method", default=None,
+              help="Method (see `edgestad methods`); default: stfpm.")
+@click.option("--backbone", default=None,
+              help="Pretrained CNN: efficientnet-lite0 (offline, default) or resnet18 / resnet50 "
+              "with --backbone-weights FILE (stfpm, resnet_students).")
+@click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
+              help="Local weights file of the backbone (torchvision .pth or .safetensors).")
+@click.option("--epochs", type=int, default=None, help="Default: the method's.")
+@click.option("--batch-size", type=int, default=None, help="Default: the method's.")
+@click.option("--lr", type=float, default=None, help="Default: the method's.")
+@click.option("--input-size", type=int, default=None, help="Model input side (default: the method's).")
+@click.option("--image-score", default=None,
+              help="Image-score rule: max or topk:F (mean of the top F of the map); default: the method's.")
+@click.option("--resize", type=click.Choice(["auto", "area_or_linear", "letterbox"]), default="auto",
+              show_default=True, help="auto = letterbox (keep the aspect ratio, pad) when the "
+              "training images' aspect ratios differ, else area_or_linear (squash).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="uninformed_students: paper = p 17 33 65 at dense stride 1; edge = p 65 at "
+              "dense stride 4. -p and --dense-stride override it.")
 @click.option("-p", "--patch-size", "patch_sizes", multiple=True, type=click.Choice(["17", "33", "65"]),
-              help="Scales to train (repeat; default: the preset's).")
-@click.option("--students", "num_students", type=int, default=3, show_default=True, help="M.")
+              help="uninformed_students: scales to train (repeat).")
+@click.option("--students", "num_students", type=int, default=None,
+              help="uninformed_students: M; resnet_students: number of students.")
 @click.option("--dense-stride", type=click.Choice(["1", "2", "4", "8"]), default=None,
-              help="1 = exact dense map; s>1 = map sampled every s px, upsampled in the graph "
-              "(up to s² times cheaper); default: the preset's.")
-@click.option("--input-size", type=int, default=256, show_default=True)
-@click.option("--epochs", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True)
+              help="uninformed_students: 1 = exact dense map; s>1 = sampled every s px.")
 @click.option("--crop-size", type=int, default=None,
-              help="Train on random crops of this side (same expected loss, cheaper steps).")
+              help="uninformed_students: train on random crops of this side.")
 @click.option("--teacher", "teachers", multiple=True, type=click.Path(dir_okay=False),
-              help="A teacher file from pretrain-teacher (repeat per scale); default: shipped.")
+              help="uninformed_students: a teacher file from pretrain-teacher (repeat per scale).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Share of good images held out for score statistics and thresholds.")
 @click.option("--pixel-fpr", type=float, default=0.001, show_default=True,
               help="Pixel threshold: this false-positive rate on validation good pixels.")
-@click.option("--image-fpr", type=float, default=0.0, show_default=True,
-              help="Image threshold: this false-positive rate on validation good images.")
+@click.option("--image-false-reject", type=float, default=0.01, show_default=True,
+              help="Image threshold: the share of good parts expected NG, from a normal fit to "
+              "the validation good image scores (0 = the largest validation score).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def train(data, bundle, preset, patch_sizes, num_students, dense_stride, input_size, epochs, batch_size,
-          lr, crop_size, teachers, val_fraction, pixel_fpr, image_fpr, device, seed):
-    """Train students on the good images of DATA (an MVTec category or a plain folder)."""
-    from edgestad.models.uninformed_students import StudentTeacherConfig
-    from .fit import TrainSettings, train_bundle
+@click.option("--force", is_flag=True, help="Replace a finished bundle at --out.")
+def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, lr, input_size,
+          image_score, resize, preset, patch_sizes, num_students, dense_stride, crop_size, teachers,
+          val_fraction, pixel_fpr, image_false_reject, device, seed, force):
+    """Train a model on the good images of DATA (an MVTec category or a plain folder).
 
-    sizes = tuple(sorted(int(p) for p in patch_sizes)) or PRESETS[preset]["patch_sizes"]
-    stride = int(dense_stride) if dense_stride else PRESETS[preset]["dense_stride"]
-    config = StudentTeacherConfig(patch_sizes=sizes, num_students=num_students,
-                                  dense_stride=stride,
-                                  input_size=(input_size, input_size))
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, crop_size=crop_size,
-                             val_fraction=val_fraction, pixel_fpr=pixel_fpr, image_fpr=image_fpr,
-                             seed=seed)
-    path = train_bundle(data, bundle, config, settings, teachers, device=_device(device))
-    click.echo(f"wrote bundle {path}")
+    Methods (--method):
+
+    \b
+    stfpm (default): pretrained CNN teacher, same-architecture student (Wang et al., 2021)
+    resnet_students: ResNet-18-layer teacher, three small CNN students
+    uninformed_students: patch-descriptor teacher, M students, e + v (Bergmann et al., 2020)
+    """
+    from edgestad.methods import DEFAULT_METHOD, get_method
+    from edgestad.methods.base import MethodConfigError, TrainSettings
+    from .fit import TrainError, train_bundle
+
+    us_only = {"--preset": preset, "-p": patch_sizes, "--dense-stride": dense_stride,
+               "--crop-size": crop_size, "--teacher": teachers}
+    if method is None and any(us_only.values()):
+        # Uninformed Students' own options name the method (and keep its documented commands).
+        method = "uninformed_students"
+        click.echo(f"method: uninformed_students (implied by "
+                   f"{', '.join(k for k, v in us_only.items() if v)})")
+    name = method or DEFAULT_METHOD
+    try:
+        m = get_method(name)
+    except MethodConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    for option, value in (("--epochs", epochs), ("--batch-size", batch_size),
+                          ("--students", num_students), ("--input-size", input_size),
+                          ("--crop-size", crop_size)):
+        if value is not None and value < 1:
+            _usage(option, f"must be at least 1, got {value}")
+    if lr is not None and lr <= 0:
+        _usage("--lr", f"must be positive, got {lr}")
+    if not 0 < val_fraction < 1:
+        _usage("--val-fraction", f"must be between 0 and 1, got {val_fraction}")
+    if not 0 < pixel_fpr < 1:
+        _usage("--pixel-fpr", f"must be between 0 and 1, got {pixel_fpr}")
+    if not 0 <= image_false_reject < 0.5:
+        _usage("--image-false-reject", f"must be in [0, 0.5), got {image_false_reject}")
+    values = {"input_size": (input_size, input_size) if input_size else None,
+              "image_score": image_score, "backbone": backbone,
+              "resize": resize}
+    options = {}
+    if name == "uninformed_students":
+        chosen = PRESETS[preset or "paper"]
+        values.update(patch_sizes=tuple(sorted(int(p) for p in patch_sizes)) or chosen["patch_sizes"],
+                      num_students=num_students,
+                      dense_stride=int(dense_stride) if dense_stride else chosen["dense_stride"])
+        options.update(teachers=tuple(teachers), crop_size=crop_size)
+        side = input_size or 256
+        if crop_size is not None and crop_size > side:
+            _usage("--crop-size", f"{crop_size} is larger than the input size {side}")
+    else:
+        for option, value in us_only.items():
+            if value:
+                _usage(option, f"applies to --method uninformed_students only, not {name}")
+        if num_students is not None:
+            values["num_students"] = num_students
+    if backbone_weights:
+        options["backbone_weights"] = backbone_weights
+    try:
+        config = m.make_config(**values)
+    except (MethodConfigError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
+                             pixel_fpr=pixel_fpr, image_false_reject=image_false_reject, seed=seed,
+                             options={k: v for k, v in options.items() if v not in (None, ())})
+    try:
+        path = train_bundle(data, bundle, name, config, settings, device=_device(device), force=force,
+                            echo=click.echo)
+    except TrainError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"wrote bundle {path} ({m.name})")

@@ -1,107 +1,120 @@
-"""`edgestad train`: good images → trained, calibrated model bundle.
+"""`edgestad train`: good images → trained, calibrated model bundle, for every method.
 
-Steps: deterministic train/validation split of the good images → teachers (shipped or the user's)
-→ teacher descriptor statistics → students → score statistics and thresholds on the validation
-images → bundle (written atomically). Interrupted runs resume from ``<bundle>.partial/``.
+split → prepare → build → fit → calibrate → thresholds → bundle:
+
+1. a deterministic train/validation split of the good images (validation images are never
+   trained on: they give score statistics and thresholds);
+2. the resize rule: ``auto`` letterboxes when the images' aspect ratios differ (squashing would
+   distort each one differently), else squashes;
+3. the method prepares its config, builds its model, fits it (resumable from
+   ``.<bundle>.partial/checkpoint.pt``) and calibrates on the validation images;
+4. thresholds from the validation images only (``calibrate.fit_thresholds``);
+5. the bundle is written atomically. A complete bundle at ``--out`` is never replaced without
+   ``force``.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from edgestad.bundle import sha256_file, write_bundle
-from edgestad.data import fingerprint, good_images, load_images, split_train_val
-from edgestad.models.uninformed_students import StudentTeacherConfig, UninformedStudents
+from edgestad.bundle import MANIFEST_NAME, write_bundle
+from edgestad.data import aspect_ratios_vary, fingerprint, good_images, load_images, split_train_val
+from edgestad.data import LETTERBOX_PAD_VALUE
+from edgestad.methods import get_method
+from edgestad.methods.base import FitContext, TrainSettings
+from edgestad.methods.common.scoring import describe_image_score
 
-from .calibrate import fit_score_stats, fit_thresholds, predict
-from .checkpoint import read_teacher_file
-from .students import train_students
-from .teachers import resolve_teachers
-
-
-@dataclass
-class TrainSettings:
-    epochs: int = 100               # the paper's 100 epochs at batch size 1
-    batch_size: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    crop_size: int | None = None    # train on random crops of this side (None: whole images)
-    val_fraction: float = 0.1
-    pixel_fpr: float = 0.001
-    image_fpr: float = 0.0
-    seed: int = 0
+from .calibrate import fit_thresholds, predict
 
 
-def train_bundle(data: Path, bundle_path: Path, config: StudentTeacherConfig,
-                 settings: TrainSettings, teachers=(), device: str = "cpu",
-                 progress: bool = True, log=None) -> Path:
+class TrainError(ValueError):
+    """A training request that cannot be carried out; the message names the option or file."""
+
+
+def partial_dir(bundle_path: Path) -> Path:
+    return bundle_path.parent / f".{bundle_path.name}.partial"
+
+
+def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settings: TrainSettings,
+                 device: str = "cpu", progress: bool = True, log=None, force: bool = False,
+                 echo=print) -> Path:
     data, bundle_path = Path(data), Path(bundle_path)
+    if (bundle_path / MANIFEST_NAME).is_file() and not force:
+        raise TrainError(f"--out: {bundle_path} already holds a finished bundle; pass --force to "
+                         "replace it (or choose another --out)")
     started = time.time()
-    torch.manual_seed(settings.seed)
-    teacher_files = resolve_teachers(config.patch_sizes, teachers)
+    method = get_method(method_name)
+    epochs = settings.epochs if settings.epochs is not None else method.defaults["epochs"]
+    batch_size = settings.batch_size if settings.batch_size is not None else method.defaults["batch_size"]
+    lr = settings.lr if settings.lr is not None else method.defaults["lr"]
+
     paths = good_images(data)
     train_paths, val_paths = split_train_val(paths, settings.val_fraction, settings.seed)
+    if getattr(config, "resize", "area_or_linear") == "auto":
+        rule = "letterbox" if aspect_ratios_vary(paths) else "area_or_linear"
+        config = config.replace(resize=rule)
+        echo(f"resize: {rule} (the training images' aspect ratios "
+             f"{'differ' if rule == 'letterbox' else 'agree'})")
     size = tuple(config.input_size)
-    train_images = load_images(train_paths, size, progress=progress)
-    val_images = load_images(val_paths, size, progress=progress)
+    train_images = load_images(train_paths, size, progress=progress, resize=config.resize)
+    val_images, val_boxes = load_images(val_paths, size, progress=progress, resize=config.resize,
+                                        with_boxes=True)
 
-    # The teachers fix the descriptor size d and the width; students copy their architecture.
-    teacher_states, teacher_info = {}, {}
-    for p, path in teacher_files.items():
-        state, meta = read_teacher_file(path)
-        shape = (meta["config"]["descriptor_dim"], meta["config"]["width"])
-        first = next(iter(teacher_info.values()), None)
-        if first is not None and shape != first["shape"]:
-            raise ValueError(f"teacher {path} has (descriptor_dim, width)={shape}, the other "
-                             f"teachers {first['shape']}: all scales must agree")
-        teacher_states[p] = state
-        teacher_info[str(p)] = {"file": path.name, "sha256": sha256_file(path), "shape": shape,
-                                "iterations": meta["iterations"],
-                                "pretrained_cnn": meta["pretrained_cnn"]["name"]}
-    d, width = next(iter(teacher_info.values()))["shape"]
-    config = dataclasses.replace(config, descriptor_dim=d, width=width)
-    model = UninformedStudents(config)
-    for p, state in teacher_states.items():
-        model.teachers[str(p)].load_state_dict(state)
-        model.teachers[str(p)].requires_grad_(False)
-
-    work = bundle_path.parent / f".{bundle_path.name}.partial"
+    config = method.prepare(config, settings.options)
+    torch.manual_seed(settings.seed)
+    model = method.build(config)
+    work = partial_dir(bundle_path)
+    checkpoint = work / "checkpoint.pt"
+    if checkpoint.exists():
+        echo(f"resuming from {checkpoint}")
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps(
-        {"data": str(data), "config": config.to_dict(), "settings": settings.__dict__}, indent=1))
-    history = train_students(model, train_images, work / "checkpoint.pt", epochs=settings.epochs,
-                             batch_size=settings.batch_size, lr=settings.lr,
-                             weight_decay=settings.weight_decay, crop_size=settings.crop_size,
-                             device=device, seed=settings.seed, progress=progress, log=log)
-    val = torch.from_numpy(val_images).permute(0, 3, 1, 2)
-    score_stats = fit_score_stats(model, val, device)
-    val_maps, val_scores = predict(model, val, device)
-    thresholds = fit_thresholds(val_maps, val_scores, settings.pixel_fpr, settings.image_fpr)
+        {"data": str(data), "method": method.name, "config": config.to_dict(),
+         "settings": {**settings.__dict__, "epochs": epochs, "batch_size": batch_size, "lr": lr}},
+        indent=1, default=str))
+    ctx = FitContext(epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=settings.seed,
+                     checkpoint=checkpoint, progress=progress, log=log, options=dict(settings.options))
+    history = method.fit(model, train_images, ctx)
 
+    model.eval().to(device)
+    val = torch.from_numpy(val_images).permute(0, 3, 1, 2)
+    boxes = torch.from_numpy(val_boxes) if model.takes_valid_box else None
+    score_stats = method.calibrate(model, val, boxes, device)
+    val_maps, val_scores = predict(model, val, device, boxes=boxes)
+    thresholds = fit_thresholds(val_maps, val_scores, settings.pixel_fpr,
+                                settings.image_false_reject, boxes=val_boxes)
+    mean = model.input_mean.flatten().tolist()
+    std = model.input_std.flatten().tolist()
+    input_section = {"height": size[0], "width": size[1], "channels": 3, "color": "RGB",
+                     "layout": "NCHW", "dtype": "uint8", "value_range": [0, 255],
+                     "resize": config.resize, "mean": mean, "std": std}
+    if config.resize == "letterbox":
+        input_section["pad_value"] = LETTERBOX_PAD_VALUE
     manifest = {
-        "method": "uninformed_students",
+        "method": method.name,
         "method_config": config.to_dict(),
-        "input": {"height": size[0], "width": size[1], "channels": 3, "color": "RGB",
-                  "layout": "NCHW", "dtype": "uint8", "value_range": [0, 255],
-                  "resize": "area_or_linear", "mean": list(config.mean), "std": list(config.std)},
-        "outputs": {"anomaly_map": "float32 N×1×H×W", "image_score": "float32 N (max of map)"},
+        "backbone": ctx.provenance.get("backbone") or {"name": method.backbone_of(config)},
+        "input": input_section,
+        "outputs": {"anomaly_map": "float32 N×1×H×W",
+                    "image_score": f"float32 N ({describe_image_score(config.image_score)})"},
+        "image_score": config.image_score,
         "score_stats": score_stats,
         "thresholds": thresholds,
-        "image_score": "max",
         "provenance": {
             "data": str(data.resolve()), "data_fingerprint": fingerprint(paths),
             "images": {"train": len(train_paths), "validation": len(val_paths)},
             "split": {"val_fraction": settings.val_fraction, "seed": settings.seed},
-            "training": {**settings.__dict__, "device": device,
+            "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr,
+                         "seed": settings.seed, "options": settings.options, "device": device,
                          "seconds": round(time.time() - started, 1),
-                         "final_loss": {str(h["patch_size"]): h["loss"] for h in history}},
-            "teachers": teacher_info, "torch": torch.__version__,
+                         "final_loss": history[-1]["loss"] if history else None,
+                         "history": history[-50:]},
+            **{k: v for k, v in ctx.provenance.items() if k != "backbone"},
+            "torch": torch.__version__,
         },
     }
     weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

@@ -39,7 +39,7 @@ BACKENDS = ("torch", "ort-fp32", "ort-fp16", "ort-int8", "torch-cuda", "torch-cu
             "tensorrt")
 PEERS = ("efficientad-s",)
 SCHEMA = "edgestad-bench/1"
-INPUT_NAME, OUTPUT_NAMES = "images", ("anomaly_map", "image_score")
+from edgestad.contract import INPUT_NAME, OUTPUT_NAMES  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------- models
@@ -55,18 +55,22 @@ class Subject:
     onnx: dict = field(default_factory=dict)   # precision → path of an existing graph
 
 
-def random_uninformed_students(config: dict, seed: int = 0):
-    """UninformedStudents with random weights (cost does not depend on the weights)."""
+def random_model(method: str, config: dict, seed: int = 0):
+    """A method's model with random weights (cost does not depend on the weights)."""
     import torch
-    from edgestad.models.uninformed_students import StudentTeacherConfig, UninformedStudents
+    from edgestad.methods import build_model
     torch.manual_seed(seed)
-    return UninformedStudents(StudentTeacherConfig.from_dict(config)).eval()
+    return build_model(method, config).eval()
+
+
+def random_uninformed_students(config: dict, seed: int = 0):
+    return random_model("uninformed_students", config, seed)
 
 
 def bundle_model(bundle_path: Path, dense_stride: int | None = None):
     """(model, manifest, bundle) of a bundle; ``dense_stride`` overrides the inference stride."""
     from edgestad.bundle import load_bundle
-    from edgestad.models import build_model, load_model
+    from edgestad.methods import build_model, load_model
     import torch
     bundle = load_bundle(bundle_path)
     manifest = bundle.manifest
@@ -83,7 +87,7 @@ def bundle_model(bundle_path: Path, dense_stride: int | None = None):
 def peer_model(name: str, input_size: tuple[int, int], seed: int = 0):
     import torch
     if name == "efficientad-s":
-        from edgestad.models.efficientad import EfficientADS
+        from edgestad.bench.efficientad import EfficientADS
         torch.manual_seed(seed)
         try:
             return EfficientADS(input_size).eval()
@@ -211,9 +215,9 @@ class NotAvailable(Exception):
 
 
 def ort_runner(path: Path, threads: int | None) -> Callable[[np.ndarray], tuple]:
-    from edgestad.export.parity import ort_session
+    from edgestad.onnx_session import feeds, ort_session
     session = ort_session(str(path), threads)
-    return lambda batch: tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}))
+    return lambda batch: tuple(session.run(list(OUTPUT_NAMES), feeds(session, batch)))
 
 
 def torch_runner(model) -> Callable[[np.ndarray], tuple]:
@@ -634,7 +638,8 @@ def _parse_backends(value: str) -> list[str]:
 
 
 def build_subjects(bundle, patch_sizes, students, descriptor_dim, width, dense_stride,
-                   input_size, fused, peers, seed) -> tuple[list[Subject], tuple[int, int]]:
+                   input_size, fused, peers, seed, method: str = "uninformed_students"
+                   ) -> tuple[list[Subject], tuple[int, int]]:
     subjects = []
     if bundle is not None:
         model, manifest, loaded = bundle_model(bundle, dense_stride)
@@ -649,6 +654,12 @@ def build_subjects(bundle, patch_sizes, students, descriptor_dim, width, dense_s
                     onnx[precision] = loaded.file(name)
         base = Subject("ours", model, f"bundle {bundle}", manifest["method"],
                        manifest["method_config"], onnx=onnx)
+    elif method != "uninformed_students":
+        from edgestad.methods import get_method
+        size = input_size or (256, 256)
+        m = get_method(method)
+        config = m.make_config(input_size=tuple(size)).to_dict()
+        base = Subject("ours", random_model(method, config, seed), "random weights", method, config)
     else:
         size = input_size or (256, 256)
         config = {"patch_sizes": list(patch_sizes or (17, 33, 65)),
@@ -664,8 +675,11 @@ def build_subjects(bundle, patch_sizes, students, descriptor_dim, width, dense_s
     if fused in ("no", "both"):
         subjects.append(base)
     if fused in ("yes", "both"):
-        from edgestad.models.fused import fuse_model
-        subjects.append(Subject("ours-fused", fuse_model(base.model), base.source, base.method,
+        from edgestad.methods import get_method
+        forms = get_method(base.method).deploy_forms()
+        if "fused" not in forms:
+            raise click.UsageError(f"--fused: method {base.method} has no fused form")
+        subjects.append(Subject("ours-fused", forms["fused"](base.model), base.source, base.method,
                                 base.method_config, fused=True))
     for name in peers:
         subjects.append(Subject(name, peer_model(name, size, seed),
@@ -676,8 +690,11 @@ def build_subjects(bundle, patch_sizes, students, descriptor_dim, width, dense_s
 
 @click.command("bench")
 @click.argument("bundle", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--method", default=None,
+              help="Method of a random-weight configuration (default: uninformed_students when "
+              "-p/--width/... are given, else stfpm).")
 @click.option("-p", "--patch-size", "patch_sizes", type=int, multiple=True,
-              help="Scales p of a random-weight configuration (repeat; default 17 33 65).")
+              help="uninformed_students: scales p of a random-weight configuration (repeat; default 17 33 65).")
 @click.option("--students", type=int, help="Students M per scale (default 3).")
 @click.option("--descriptor-dim", type=int, help="Descriptor dimension d (default 128).")
 @click.option("--width", type=int, help="Conv channel width (default 128).")
@@ -706,7 +723,7 @@ def build_subjects(bundle, patch_sizes, students, descriptor_dim, width, dense_s
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report as JSON.")
-def bench_command(bundle, patch_sizes, students, descriptor_dim, width, dense_stride, input_size,
+def bench_command(bundle, method, patch_sizes, students, descriptor_dim, width, dense_stride, input_size,
                   fused, batches, backends, peers, warmup, iterations, max_seconds, threads,
                   calibration, onnx_dir, seed, json_out):
     """GFLOP/frame, latency (p50/p99) and throughput of BUNDLE, or of a random-weight
@@ -715,8 +732,14 @@ def bench_command(bundle, patch_sizes, students, descriptor_dim, width, dense_st
         raise click.UsageError("-p/--students/--descriptor-dim/--width describe a random-weight "
                                "configuration; drop them or the BUNDLE (--dense-stride may "
                                "override a bundle's stride)")
+    us_options = bool(patch_sizes or students or descriptor_dim or width or dense_stride)
+    method = method or ("uninformed_students" if us_options else "stfpm")
+    if bundle is None and us_options and method != "uninformed_students":
+        raise click.UsageError("-p/--students/--descriptor-dim/--width/--dense-stride describe an "
+                               "uninformed_students configuration")
     subjects, size = build_subjects(bundle, patch_sizes, students, descriptor_dim, width,
-                                    dense_stride, _parse_size(input_size), fused, peers, seed)
+                                    dense_stride, _parse_size(input_size), fused, peers, seed,
+                                    method)
     report = run_bench(subjects, size, _parse_backends(backends), list(batches or (1, 8)),
                        warmup, iterations, max_seconds, threads, calibration, work_dir=onnx_dir,
                        seed=seed, log=lambda s: click.echo(s, err=True))

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgestad.models.uninformed_students import UninformedStudents
+from edgestad.train.checkpoint import load_checkpoint, save_checkpoint
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .model import UninformedStudents
 
 
 def _padded(model: UninformedStudents, images_uint8: torch.Tensor, p: int) -> torch.Tensor:

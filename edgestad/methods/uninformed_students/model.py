@@ -4,23 +4,23 @@ Everything the deployed graph needs is inside ``forward``: input normalisation, 
 students of every scale in their fast dense form, descriptor normalisation, regression error e and
 predictive variance v (eq. 8-10), their normalisation by validation statistics, the multi-scale
 average (eq. 12) and the upsampling to input resolution. Export is then method-agnostic.
+The letterbox mask and the image-score rule come from ``AnomalyModel`` (methods/common/scoring.py).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..base import ConfigMixin
+from ..common.backbones import IMAGENET_MEAN, IMAGENET_STD
+from ..common.scoring import AnomalyModel, parse_image_score
 from .patchnet import PatchNet, num_poolings, samples_covering
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 @dataclass
-class StudentTeacherConfig:
+class UninformedStudentsConfig(ConfigMixin):
     """Hyper-parameters, named as in the paper (p, M, d) plus the cost levers."""
     patch_sizes: tuple[int, ...] = (17, 33, 65)   # receptive fields p of the scales
     num_students: int = 3                          # M
@@ -32,17 +32,11 @@ class StudentTeacherConfig:
     input_size: tuple[int, int] = (256, 256)       # (height, width)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    image_score: str = "max"                       # see methods/common/scoring.py
+    resize: str = "area_or_linear"                 # or "letterbox"
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "StudentTeacherConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown method_config keys: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    def __post_init__(self):
+        parse_image_score(self.image_score)
 
 
 def ensemble_error_and_variance(target: torch.Tensor, preds: torch.Tensor
@@ -57,16 +51,13 @@ def ensemble_error_and_variance(target: torch.Tensor, preds: torch.Tensor
     return error, variance
 
 
-class StudentTeacherScoring(nn.Module):
+class StudentTeacherScoring(AnomalyModel):
     """Scoring shared by the separate (``UninformedStudents``) and the fused
-    (``fused.FusedUninformedStudents``) forms: input normalisation, eq. 11, the multi-scale
-    average (eq. 12), upsampling and the image score. Subclasses provide ``config``, the
-    ``input_mean``/``input_std``/``score_stats_<p>`` buffers and ``error_and_variance(x, p)``."""
+    (``fused.FusedUninformedStudents``) forms: eq. 11, the multi-scale average (eq. 12) and the
+    upsampling. Subclasses provide ``config``, the input buffers (``init_input``), the
+    ``score_stats_<p>`` buffers and ``error_and_variance(x, p)``."""
 
-    config: StudentTeacherConfig
-
-    def normalize_input(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() / 255.0 - self.input_mean) / self.input_std
+    config: UninformedStudentsConfig
 
     def error_and_variance(self, x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -87,25 +78,21 @@ class StudentTeacherScoring(nn.Module):
         full = F.interpolate(grid, size=size, mode="bilinear", align_corners=True)
         return full[..., :height, :width]
 
-    # --- the deployed function ---------------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images N×3×H×W (0..255) → (anomaly_map N×1×H×W float32, image_score N = map max)."""
-        height, width = images.shape[-2:]
-        x = self.normalize_input(images)
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images → the multi-scale average of eq. 11's scores (eq. 12), N×1×H×W."""
+        height, width = x.shape[-2:]
         total = None
         for p in self.config.patch_sizes:
             score = self.scale_score(x, p)
             total = score if total is None else total + score
-        fused = total / len(self.config.patch_sizes)
-        anomaly_map = self.upsample(fused, height, width)
-        image_score = anomaly_map.amax(dim=(1, 2, 3))
-        return anomaly_map, image_score
+        multi_scale_average = total / len(self.config.patch_sizes)
+        return self.upsample(multi_scale_average, height, width)
 
 
 class UninformedStudents(StudentTeacherScoring):
     """Teacher + M students per scale. Input: N×3×H×W RGB, values 0..255 (uint8 or float)."""
 
-    def __init__(self, config: StudentTeacherConfig):
+    def __init__(self, config: UninformedStudentsConfig):
         super().__init__()
         self.config = config
         c = config
@@ -121,8 +108,7 @@ class UninformedStudents(StudentTeacherScoring):
         self.teachers = nn.ModuleDict({str(p): net(p) for p in c.patch_sizes})
         self.students = nn.ModuleDict(
             {str(p): nn.ModuleList(net(p) for _ in range(c.num_students)) for p in c.patch_sizes})
-        self.register_buffer("input_mean", torch.tensor(c.mean).view(1, -1, 1, 1))
-        self.register_buffer("input_std", torch.tensor(c.std).view(1, -1, 1, 1))
+        self.init_input(c.mean, c.std)
         for p in c.patch_sizes:
             # Per-channel statistics of the teacher's descriptors on the training images (§3.2).
             self.register_buffer(f"descriptor_mean_{p}", torch.zeros(1, c.descriptor_dim, 1, 1))

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .patchnet import DenseLayerStack, PatchNet
-from .uninformed_students import (StudentTeacherScoring, UninformedStudents,
+from .model import (StudentTeacherScoring, UninformedStudents,
                                   ensemble_error_and_variance)
 
 
@@ -113,8 +113,7 @@ class FusedUninformedStudents(StudentTeacherScoring):
         super().__init__()
         self.config = model.config
         c = model.config
-        self.register_buffer("input_mean", model.input_mean.detach().clone())
-        self.register_buffer("input_std", model.input_std.detach().clone())
+        self.init_input(model.input_mean.flatten().tolist(), model.input_std.flatten().tolist())
         ensembles = {}
         for p in c.patch_sizes:
             mean, std = model.descriptor_stats(p)
@@ -123,6 +122,7 @@ class FusedUninformedStudents(StudentTeacherScoring):
             self.register_buffer(f"score_stats_{p}",
                                  getattr(model, f"score_stats_{p}").detach().clone())
         self.ensembles = nn.ModuleDict(ensembles)
+        self.to(model.input_mean.dtype)      # a float64 model (tests) gives a float64 fused form
 
     def error_and_variance(self, x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         """e (eq. 9) and v (eq. 10), N×h×w each, as in ``UninformedStudents.error_and_variance``."""

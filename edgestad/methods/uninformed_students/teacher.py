@@ -19,10 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgestad.models.patchnet import PatchNet
-from edgestad.models.uninformed_students import IMAGENET_MEAN, IMAGENET_STD
+from edgestad.train.checkpoint import load_checkpoint, save_checkpoint, save_safetensors
 
-from .checkpoint import load_checkpoint, save_checkpoint, save_safetensors
+from ..common.backbones import IMAGENET_MEAN, IMAGENET_STD
+from .patchnet import PatchNet
 
 
 @dataclass

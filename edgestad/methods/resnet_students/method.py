@@ -1,0 +1,161 @@
+"""ResNet-18 teacher, CNN students: the student-teacher study whose teacher is a pretrained
+ResNet-18 cut before its last five children (conv1, bn1, relu, maxpool, layer1: 64 × 128 × 128
+features for a 512² input) and whose students are small networks of convolutions and max-poolings
+only, each mapping the image to the teacher's feature shape.
+
+- teacher: ResNet-18 up to layer1 (``--backbone resnet18 --backbone-weights FILE``); offline,
+  EfficientNet-Lite0 up to its stride-4 stage (24 channels), the same resolution;
+- students (``num_students``, default 3): conv3×3 + ReLU stacks with two 2×2 max-poolings, a final
+  1×1 convolution to the teacher's channels, random init;
+- loss: mean squared error to the teacher's features, summed over students;
+- map: mean over students and channels of the squared difference, upsampled (bilinear) to the
+  input, normalised to [0, 1] by the minimum and maximum over the validation good images' pixels
+  (``normalization="validation"``). The study's per-image min–max (``"per_image"``) is available
+  but maps every image's maximum to 1, which erases the image score (image AUROC ≈ 0.5);
+- Adam 1e-3, random horizontal flip. The study trains at 512² for 100 epochs at batch 1; the CPU
+  default here is 256² and a few epochs at batch 8 (README says what was used).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import register
+from ..base import ConfigMixin, EpochLoop, FitContext, Method, batches_of, nchw, timed_entry
+from ..common.backbones import PRETRAINED, FeaturePyramid, describe_weights
+from ..common.scoring import AnomalyModel, parse_image_score
+
+
+@dataclass
+class ResNetStudentsConfig(ConfigMixin):
+    backbone: str = "efficientnet-lite0"            # resnet18 with a local weights file: the study's
+    num_students: int = 3
+    student_channels: tuple[int, ...] = (32, 64, 128)
+    normalization: str = "validation"               # or "per_image" (the study's; no image score)
+    input_size: tuple[int, int] = (256, 256)        # the study: 512 x 512
+    image_score: str = "max"
+    resize: str = "area_or_linear"
+
+    def __post_init__(self):
+        parse_image_score(self.image_score)
+        if self.normalization not in ("validation", "per_image"):
+            raise ValueError(f"normalization must be 'validation' or 'per_image', got {self.normalization!r}")
+        if self.num_students < 1:
+            raise ValueError(f"--students: must be at least 1, got {self.num_students}")
+
+
+def conv_student(out_channels: int, channels: tuple[int, ...]) -> nn.Sequential:
+    """Convolutions and max-poolings only: stride 4 overall, like the teacher's features."""
+    a, b, c = channels
+    return nn.Sequential(
+        nn.Conv2d(3, a, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(a, b, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(b, b, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(b, c, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(c, out_channels, 1))
+
+
+class ResNetStudents(AnomalyModel):
+    def __init__(self, config: ResNetStudentsConfig):
+        super().__init__()
+        self.config = config
+        self.teacher = FeaturePyramid(config.backbone, (4,))
+        self.teacher.requires_grad_(False)
+        channels = self.teacher.feature_info[0].channels
+        self.students = nn.ModuleList(conv_student(channels, tuple(config.student_channels))
+                                      for _ in range(config.num_students))
+        self.init_input(self.teacher.mean, self.teacher.std)
+        # min and max of the raw map over the validation good pixels (set by calibrate)
+        self.register_buffer("map_range", torch.tensor([0.0, 1.0]))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def squared_differences(self, x: torch.Tensor) -> torch.Tensor:
+        """S×N×C×h×w squared differences of each student to the teacher."""
+        target = self.teacher(x)[0]
+        return torch.stack([(s(x) - target) ** 2 for s in self.students])
+
+    def raw_map(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.squared_differences(x).mean(dim=(0, 2))[:, None]        # N×1×h×w
+        return F.interpolate(d, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        raw = self.raw_map(x)
+        if self.config.normalization == "per_image":
+            lo = raw.amin(dim=(1, 2, 3), keepdim=True)
+            hi = raw.amax(dim=(1, 2, 3), keepdim=True)
+            return (raw - lo) / (hi - lo + 1e-12)
+        lo, hi = self.map_range[0], self.map_range[1]
+        return (raw - lo) / (hi - lo)
+
+
+@register
+class ResNetStudentsMethod(Method):
+    name = "resnet_students"
+    title = "ResNet-18 teacher (first stage) and three small CNN students, squared-error map"
+    paper = "the ResNet-18 teacher / CNN-students study (reference documents)"
+    default_backbone = "efficientnet-lite0 (stride-4 stage); resnet18 with a local weights file"
+    config_cls = ResNetStudentsConfig
+    defaults = {"epochs": 8, "batch_size": 8, "lr": 1e-3}
+    option_names = ("backbone_weights",)
+
+    def build(self, config: ResNetStudentsConfig) -> ResNetStudents:
+        return ResNetStudents(config)
+
+    def fit(self, model: ResNetStudents, images: np.ndarray, ctx: FitContext) -> list[dict]:
+        from tqdm.auto import tqdm
+        device = torch.device(ctx.device)
+        weights = ctx.options.get("backbone_weights") or PRETRAINED
+        ctx.provenance["backbone"] = describe_weights(model.config.backbone, weights)
+        model.teacher.load_state_dict(
+            FeaturePyramid(model.config.backbone, (4,), weights=weights).state_dict())
+        model.to(device)
+        data = nchw(images)
+        generator = torch.Generator().manual_seed(ctx.seed)
+        optimizer = torch.optim.Adam(model.students.parameters(), lr=ctx.lr)
+        loop = EpochLoop(ctx, model, {"students": optimizer}, generator, kind="ResNetStudents",
+                         config=model.config.to_dict())
+        steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
+        bar = tqdm(total=ctx.epochs * steps, initial=loop.start_epoch * steps,
+                   disable=not ctx.progress, desc="students", dynamic_ncols=True)
+        import time
+        for epoch in range(loop.start_epoch, ctx.epochs):
+            model.train()
+            started, losses = time.time(), []
+            for batch in batches_of(data, ctx.batch_size, torch.randperm(len(data), generator=generator)):
+                x = model.normalize_input(batch.to(device))
+                flip = torch.rand(len(x), 1, 1, 1, generator=generator) < 0.5
+                x = torch.where(flip.to(device), x.flip(-1), x)
+                loss = model.squared_differences(x).mean(dim=(1, 2, 3, 4)).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                bar.update(1)
+            loop.save(epoch + 1, timed_entry(epoch + 1, losses, started))
+        bar.close()
+        model.eval()
+        return loop.history
+
+    @torch.no_grad()
+    def calibrate(self, model: ResNetStudents, images, boxes, device) -> dict:
+        """Min and max of the raw map over the validation good images' (valid) pixels."""
+        model.eval().to(device)
+        lo, hi = float("inf"), float("-inf")
+        for start in range(0, len(images), 4):
+            raw = model.raw_map(model.normalize_input(images[start:start + 4].to(device)))
+            if boxes is not None:
+                valid = model.valid_mask(boxes[start:start + 4].to(device))
+                lo = min(lo, float(raw[valid].min()))
+                hi = max(hi, float(raw[valid].max()))
+            else:
+                lo, hi = min(lo, float(raw.min())), max(hi, float(raw.max()))
+        model.map_range.copy_(torch.tensor([lo, max(hi, lo + 1e-12)]))
+        return {"map_min": lo, "map_max": hi, "rule": "min and max over validation good pixels"}

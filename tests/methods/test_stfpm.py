@@ -1,0 +1,77 @@
+"""STFPM and the ResNet-students method: what is specific to them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from edgestad.methods import get_method  # noqa: E402
+from edgestad.methods.base import FitContext  # noqa: E402
+from edgestad.methods.stfpm.method import level_distance  # noqa: E402
+
+
+def test_level_distance_is_half_the_squared_distance_of_normalised_features():
+    t = torch.tensor([[[[3.0]], [[4.0]]]])      # 1×2×1×1, norm 5
+    s = torch.tensor([[[[0.0]], [[2.0]]]])      # norm 2
+    expected = 0.5 * ((3 / 5 - 0) ** 2 + (4 / 5 - 1) ** 2)
+    assert float(level_distance(t, s)) == pytest.approx(expected)
+
+
+def test_map_is_the_product_of_upsampled_level_maps():
+    method = get_method("stfpm")
+    model = method.build(method.make_config(input_size=(64, 64))).eval()
+    x = model.normalize_input(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
+    with torch.no_grad():
+        parts = method.parts(model, x)
+        product = torch.ones(1, 1, 64, 64)
+        for m in parts.values():
+            product = product * m
+        assert torch.allclose(model.anomaly_map(x), product)
+    assert list(parts) == ["s4", "s8", "s16"]
+
+
+def test_student_batchnorm_statistics_are_recomputed_over_the_training_images(tiny_dataset, tmp_path):
+    """After fit, every student BN layer's running mean equals the exact mean of its inputs over
+    the training images (not the exponential average of the training run)."""
+    from edgestad.data import good_images, load_images
+    method = get_method("stfpm")
+    torch.manual_seed(0)
+    model = method.build(method.make_config(input_size=(64, 64)))
+    images = load_images(good_images(tiny_dataset)[:6], (64, 64))
+    ctx = FitContext(epochs=1, batch_size=3, lr=0.1, checkpoint=None, progress=False)
+    method.fit(model, images, ctx)
+    assert ctx.provenance["batchnorm_recomputed"]["images"] == 6
+    bn = model.student.stem[1]                      # the stem's BatchNorm
+    inputs = []
+    hook = model.student.stem[0].register_forward_hook(lambda m, i, o: inputs.append(o))
+    with torch.no_grad():
+        model.student(model.normalize_input(torch.from_numpy(images).permute(0, 3, 1, 2)))
+    hook.remove()
+    exact_mean = inputs[0].mean(dim=(0, 2, 3))
+    assert torch.allclose(bn.running_mean, exact_mean, atol=1e-5)
+    assert bn.momentum == pytest.approx(0.01)       # the library's own momentum is restored
+    # and the teacher is untouched by training: still the pretrained weights, eval mode
+    from edgestad.methods.common.backbones import FeaturePyramid
+    pretrained = FeaturePyramid("efficientnet-lite0", (4, 8, 16), weights="pretrained")
+    assert torch.equal(model.teacher.stem[1].running_mean, pretrained.stem[1].running_mean)
+    assert not model.teacher.training
+
+
+def test_resnet_students_normalisations():
+    method = get_method("resnet_students")
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    per_image = method.build(method.make_config(input_size=(64, 64), normalization="per_image")).eval()
+    with torch.no_grad():
+        amap, score = per_image(images)
+    # the study's per-image min-max: every image's maximum is 1, so the image score is constant
+    assert torch.allclose(score, torch.ones(3))
+    validation = method.build(method.make_config(input_size=(64, 64))).eval()
+    stats = method.calibrate(validation, images, None, "cpu")
+    with torch.no_grad():
+        amap, _ = validation(images)
+    assert float(amap.min()) == pytest.approx(0.0, abs=1e-6)
+    assert float(amap.max()) == pytest.approx(1.0, abs=1e-5)
+    assert stats["map_min"] < stats["map_max"]
+    with pytest.raises(ValueError, match="normalization"):
+        method.make_config(normalization="zscore")
