@@ -237,8 +237,10 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
                 raise ExportError(f"--form {options.form}: method {manifest['method']} has no such "
                                   f"deploy form (it has: {', '.join(['default', *forms])})")
             graph_source = forms[options.form](torch_model)
-        log(f"exporting fp32 graph (opset {options.opset}, {manifest['method']}, "
-            f"{_form(options)} form) from the torch model ...")
+        backbone = (manifest.get("backbone") or {}).get("name")
+        log(f"exporting fp32 graph (opset {options.opset}, {manifest['method']}"
+            + (f", backbone {backbone}" if backbone else "")
+            + f", {_form(options)} form) from the torch model ...")
         from edgestad.methods import get_method
         method = get_method(manifest["method"])
         fp32_modules = method.fp32_modules(method.config_cls.from_dict(manifest["method_config"]))

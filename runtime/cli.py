@@ -136,7 +136,10 @@ def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
         raise BackendError(
             f"{backend.model_file} takes input {backend.input_shape}, the manifest says 3x{spec.height}x{spec.width}"
         )
-    log.info("model %s (%s, %s, sha256 %s)", backend.model_file.name, backend.name, backend.precision,
+    method = bundle.manifest.get("method", "?")
+    backbone = (bundle.manifest.get("backbone") or {}).get("name", "")
+    log.info("model %s: %s%s (%s, %s, sha256 %s)", backend.model_file.name, method,
+             f", backbone {backbone}" if backbone else "", backend.name, backend.precision,
              backend.model_sha256[:12])
 
     sinks: list = []
@@ -167,7 +170,8 @@ def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
             backoff=Backoff(initial=cfg.reconnect_initial, maximum=cfg.reconnect_max),
             max_reconnects=cfg.max_reconnects, min_region_area=cfg.min_region_area,
             notifier=notifier, watchdog=WatchdogFeeder.from_environment(notifier),
-            model_info={"bundle": str(bundle.source), "model_file": backend.model_file.name},
+            model_info={"bundle": str(bundle.source), "model_file": backend.model_file.name,
+                        "method": method, "backbone": backbone},
         )
         if cfg.display:
             sinks.append(DisplaySink(thresholds, on_quit=pipeline.stop))

@@ -83,6 +83,17 @@ def describe_weights(name: str, weights: str | None) -> dict:
     return {"name": name, "weights": str(path), "sha256": sha256_of(path)}
 
 
+def check_backbone(name: str, strides: tuple[int, ...]) -> None:
+    """BackboneError (a ValueError) naming the option when a config names an unknown backbone or
+    stride: checked when the config is made, before any image is read."""
+    if name not in BACKBONES:
+        raise BackboneError(f"--backbone: unknown backbone {name!r}; known: {', '.join(backbone_names())}")
+    channels = BACKBONES[name][0]
+    if not strides or list(strides) != sorted(set(strides)) or any(s not in channels for s in strides):
+        raise BackboneError(f"backbone {name}: strides must be increasing, from {sorted(channels)}; "
+                            f"got {list(strides)}")
+
+
 class FeaturePyramid(nn.Module):
     """Normalised N×3×H×W → [features at each requested stride], shallowest first."""
 

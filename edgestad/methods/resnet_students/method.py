@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import register
 from ..base import ConfigMixin, EpochLoop, FitContext, Method, batches_of, nchw, timed_entry
-from ..common.backbones import PRETRAINED, FeaturePyramid, describe_weights
+from ..common.backbones import PRETRAINED, check_backbone, FeaturePyramid, describe_weights
 from ..common.scoring import AnomalyModel, parse_image_score
 
 
@@ -42,6 +42,7 @@ class ResNetStudentsConfig(ConfigMixin):
 
     def __post_init__(self):
         parse_image_score(self.image_score)
+        check_backbone(self.backbone, (4,))
         if self.normalization not in ("validation", "per_image"):
             raise ValueError(f"normalization must be 'validation' or 'per_image', got {self.normalization!r}")
         if self.num_students < 1:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base import ConfigMixin, EpochLoop, FitContext, Method, batches_of, nchw, timed_entry
-from ..common.backbones import (PRETRAINED, FeaturePyramid, describe_weights,
+from ..common.backbones import (PRETRAINED, FeaturePyramid, check_backbone, describe_weights,
                                 recompute_batchnorm_statistics)
 from ..common.scoring import AnomalyModel, parse_image_score
 from .. import register
@@ -38,6 +38,7 @@ class STFPMConfig(ConfigMixin):
 
     def __post_init__(self):
         parse_image_score(self.image_score)
+        check_backbone(self.backbone, tuple(self.levels))
 
 
 def level_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ class STFPMMethod(Method):
     paper = "Wang et al., BMVC 2021"
     default_backbone = "efficientnet-lite0"
     config_cls = STFPMConfig
-    defaults = {"epochs": 10, "batch_size": 16, "lr": 0.4}
+    defaults = {"epochs": 30, "batch_size": 16, "lr": 0.4}
     option_names = ("backbone_weights", "momentum", "weight_decay")
 
     def build(self, config: STFPMConfig) -> STFPM:
