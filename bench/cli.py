@@ -638,9 +638,12 @@ def _parse_backends(value: str) -> list[str]:
 
 
 def build_subjects(bundle, patch_sizes, students, descriptor_dim, width, dense_stride,
-                   input_size, fused, peers, seed, method: str = "uninformed_students"
+                   input_size, fused, peers, seed, method="uninformed_students"
                    ) -> tuple[list[Subject], tuple[int, int]]:
-    subjects = []
+    """The models to time: a bundle's, or one random-weight model per method (``method`` is a
+    name or a list of names; Uninformed Students' options -p/--width/... shape its model), then
+    fused forms and peers."""
+    bases = []
     if bundle is not None:
         model, manifest, loaded = bundle_model(bundle, dense_stride)
         size = input_size or (manifest["input"]["height"], manifest["input"]["width"])
@@ -652,35 +655,43 @@ def build_subjects(bundle, patch_sizes, students, descriptor_dim, width, dense_s
                 name = named.get(precision, default)
                 if isinstance(name, str) and (loaded.path / name).is_file():
                     onnx[precision] = loaded.file(name)
-        base = Subject("ours", model, f"bundle {bundle}", manifest["method"],
-                       manifest["method_config"], onnx=onnx)
-    elif method != "uninformed_students":
-        from edgestad.methods import get_method
-        size = input_size or (256, 256)
-        m = get_method(method)
-        config = m.make_config(input_size=tuple(size)).to_dict()
-        base = Subject("ours", random_model(method, config, seed), "random weights", method, config)
+        bases.append(Subject("ours", model, f"bundle {bundle}", manifest["method"],
+                             manifest["method_config"], onnx=onnx))
     else:
-        size = input_size or (256, 256)
-        config = {"patch_sizes": list(patch_sizes or (17, 33, 65)),
-                  "num_students": students or 3, "descriptor_dim": descriptor_dim or 128,
-                  "width": width or 128, "dense_stride": dense_stride or 1,
-                  "input_size": list(size)}
-        try:
-            model = random_uninformed_students(config, seed)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
-        base = Subject("ours", model, "random weights", "uninformed_students",
-                       model.config.to_dict())
-    if fused in ("no", "both"):
-        subjects.append(base)
-    if fused in ("yes", "both"):
         from edgestad.methods import get_method
-        forms = get_method(base.method).deploy_forms()
-        if "fused" not in forms:
-            raise click.UsageError(f"--fused: method {base.method} has no fused form")
-        subjects.append(Subject("ours-fused", forms["fused"](base.model), base.source, base.method,
-                                base.method_config, fused=True))
+        size = input_size or (256, 256)
+        names = [method] if isinstance(method, str) else list(method)
+        for name in names:
+            label = "ours" if len(names) == 1 else name
+            if name == "uninformed_students":
+                config = {"patch_sizes": list(patch_sizes or (17, 33, 65)),
+                          "num_students": students or 3, "descriptor_dim": descriptor_dim or 128,
+                          "width": width or 128, "dense_stride": dense_stride or 1,
+                          "input_size": list(size)}
+                try:
+                    model = random_uninformed_students(config, seed)
+                except ValueError as exc:
+                    raise click.UsageError(str(exc)) from None
+                bases.append(Subject(label, model, "random weights", name, model.config.to_dict()))
+            else:
+                config = get_method(name).make_config(input_size=tuple(size)).to_dict()
+                bases.append(Subject(label, random_model(name, config, seed), "random weights",
+                                     name, config))
+    subjects = []
+    for base in bases:
+        if fused in ("no", "both"):
+            subjects.append(base)
+        if fused in ("yes", "both"):
+            from edgestad.methods import get_method
+            forms = get_method(base.method).deploy_forms()
+            if "fused" not in forms:
+                if len(bases) == 1:
+                    raise click.UsageError(f"--fused: method {base.method} has no fused form")
+                if fused == "yes":
+                    subjects.append(base)
+                continue
+            subjects.append(Subject(f"{base.name}-fused", forms["fused"](base.model), base.source,
+                                    base.method, base.method_config, fused=True))
     for name in peers:
         subjects.append(Subject(name, peer_model(name, size, seed),
                                 "random weights (architecture of the paper)", "peer",
@@ -690,9 +701,9 @@ def build_subjects(bundle, patch_sizes, students, descriptor_dim, width, dense_s
 
 @click.command("bench")
 @click.argument("bundle", required=False, type=click.Path(exists=True, path_type=Path))
-@click.option("--method", default=None,
-              help="Method of a random-weight configuration (default: uninformed_students when "
-              "-p/--width/... are given, else stfpm).")
+@click.option("--method", "methods", multiple=True,
+              help="Method(s) of random-weight models (repeat to time several in one run; default: "
+              "uninformed_students when -p/--width/... are given, else stfpm).")
 @click.option("-p", "--patch-size", "patch_sizes", type=int, multiple=True,
               help="uninformed_students: scales p of a random-weight configuration (repeat; default 17 33 65).")
 @click.option("--students", type=int, help="Students M per scale (default 3).")
@@ -723,7 +734,7 @@ def build_subjects(bundle, patch_sizes, students, descriptor_dim, width, dense_s
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the report as JSON.")
-def bench_command(bundle, method, patch_sizes, students, descriptor_dim, width, dense_stride, input_size,
+def bench_command(bundle, methods, patch_sizes, students, descriptor_dim, width, dense_stride, input_size,
                   fused, batches, backends, peers, warmup, iterations, max_seconds, threads,
                   calibration, onnx_dir, seed, json_out):
     """GFLOP/frame, latency (p50/p99) and throughput of BUNDLE, or of a random-weight
@@ -733,8 +744,8 @@ def bench_command(bundle, method, patch_sizes, students, descriptor_dim, width, 
                                "configuration; drop them or the BUNDLE (--dense-stride may "
                                "override a bundle's stride)")
     us_options = bool(patch_sizes or students or descriptor_dim or width or dense_stride)
-    method = method or ("uninformed_students" if us_options else "stfpm")
-    if bundle is None and us_options and method != "uninformed_students":
+    method = list(methods) or ["uninformed_students" if us_options else "stfpm"]
+    if bundle is None and us_options and "uninformed_students" not in method:
         raise click.UsageError("-p/--students/--descriptor-dim/--width/--dense-stride describe an "
                                "uninformed_students configuration")
     subjects, size = build_subjects(bundle, patch_sizes, students, descriptor_dim, width,

@@ -136,3 +136,19 @@ def test_efficientad_s_shapes_and_onnx_export(tmp_path):
 def test_efficientad_s_needs_256_pixels():
     with pytest.raises(ValueError, match="256"):
         EfficientADS((128, 128))
+
+
+def test_every_method_and_the_peer_in_one_run(tmp_path):
+    """GFLOP and timings of several methods beside EfficientAD-S, measured in the same run."""
+    import json
+    out = tmp_path / "all.json"
+    result = CliRunner().invoke(bench_command, [
+        "--method", "stfpm", "--method", "resnet_students", "--peer", "efficientad-s",
+        "--input-size", "256", "--backends", "torch", "--batch", "1", "--iterations", "1",
+        "--warmup", "0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    names = [m["name"] for m in report["models"]]
+    assert names == ["stfpm", "resnet_students", "efficientad-s"]
+    assert all(m["gflop_per_frame"] > 0 for m in report["models"])
+    assert set(report["comparisons"]) >= {"stfpm/efficientad-s", "resnet_students/efficientad-s"}
