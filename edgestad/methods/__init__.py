@@ -16,6 +16,8 @@ _METHOD_MODULES = {
     "stfpm": "edgestad.methods.stfpm",
     "resnet_students": "edgestad.methods.resnet_students",
     "uninformed_students": "edgestad.methods.uninformed_students",
+    "rstpm": "edgestad.methods.rstpm",
+    "stfpm_ae": "edgestad.methods.stfpm_ae",
 }
 DEFAULT_METHOD = "stfpm"
 

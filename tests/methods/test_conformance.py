@@ -33,6 +33,11 @@ def tiny_config(name: str, tiny_teachers) -> tuple[object, dict]:
                 {"teachers": (str(tiny_teachers[17]),), "crop_size": 32})
     if name == "resnet_students":
         return method.make_config(input_size=SIZE, student_channels=(8, 8, 8)), {}
+    if name == "rstpm":
+        return (method.make_config(input_size=SIZE, recon_channels=(16, 16, 16), disc_channels=(8, 8, 8)),
+                {"disc_epochs": 1})
+    if name == "stfpm_ae":
+        return method.make_config(input_size=SIZE), {"ae_pretrain_epochs": 1}
     return method.make_config(input_size=SIZE), {}
 
 

@@ -1,0 +1,241 @@
+"""STFPM-AE: STFPM whose student features pass through a light U-Net auto-encoder per level before
+they are compared with the teacher's.
+
+- teacher / student: as STFPM (``methods/stfpm``): the pretrained backbone frozen, the same
+  architecture from random init, levels at strides 4, 8, 16;
+- after each student level l a U-Net AE_l reconstructs the student's features, R_s = AE_l(F_s):
+  three encoder blocks of two 3×3 conv + ReLU, each followed by a 2×2 max-pool; a bottleneck
+  of two 3×3 conv + ReLU keeping the channels; a decoder of three 2×2 transposed convolutions
+  (stride 2), each output concatenated with the matching encoder block's output, no convolution
+  after a concatenation. Widths: with C the level's channels and w = max(8, C // 2), the encoder
+  and bottleneck use w channels, the inner transposed convs output w, the last one C − w, so the
+  final concatenation has exactly C channels;
+- sizes: three poolings need sides divisible by 8. A level whose side is not (e.g. the stride-16
+  level of a 64² input, 4×4) is zero-padded at the bottom/right to the next multiple of 8 and the
+  output cropped back; at the default 256² input every level (64, 32, 16) is divisible and no
+  padding is exported;
+- training: (1) each AE_l is pretrained on the frozen *teacher's* level-l features, MSE, Adam
+  1e-3 (option ``ae_pretrain_epochs``); (2) joint training of student and AEs with
+  L = α·Σ_l ‖R_s − F_s‖² + Σ_l ½‖φ(R_s) − φ(F_t)‖², α = 1e-7, φ = channel-wise ℓ2 normalisation;
+  the first term is the sum of squares per image (averaged over the batch), the second STFPM's
+  form (summed over channels, averaged over positions), so STFPM's lr 0.4 applies. SGD momentum
+  0.9, weight decay 1e-4, student lr 0.4, AE lr 0.04 (option ``ae_lr``); gradients clipped to a
+  total norm of 1.0 (option ``clip_norm``); the AEs stay frozen for the first 5 % of the epochs
+  (the reference's 5 of 100; at the CPU default of 20 epochs: 1 epoch; option
+  ``ae_frozen_epochs`` sets it explicitly). After training the student's BatchNorm statistics are
+  recomputed over the training images, as for STFPM;
+- map: per level ½‖φ(R_s) − φ(F_t)‖², bilinearly upsampled to the input, multiplied over levels.
+
+CPU defaults: 20 joint epochs at batch 16 after 2 AE-pretraining epochs (the reference trains
+100 epochs; ``--epochs 100`` gives it, with the AEs frozen for 5).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import register
+from ..base import (ConfigMixin, EpochLoop, FitContext, Method, MethodConfigError, batches_of, nchw,
+                    timed_entry)
+from ..common.backbones import FeaturePyramid, recompute_batchnorm_statistics
+from ..common.scoring import AnomalyModel, parse_image_score
+from ..stfpm.method import level_distance, load_pretrained_teacher
+
+POOLINGS = 3
+ALPHA = 1e-7
+
+
+@dataclass
+class STFPMAEConfig(ConfigMixin):
+    backbone: str = "efficientnet-lite0"
+    levels: tuple[int, ...] = (4, 8, 16)
+    input_size: tuple[int, int] = (256, 256)
+    image_score: str = "max"
+    resize: str = "area_or_linear"
+
+    def __post_init__(self):
+        parse_image_score(self.image_score)
+
+
+def _convs(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True))
+
+
+class FeatureUNet(nn.Module):
+    """C-channel features → C-channel reconstruction (see the module docstring for the layout)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        w = max(8, channels // 2)
+        if channels - w < 1:
+            raise MethodConfigError(f"stfpm_ae: a level with {channels} channels is too narrow for "
+                                    "the auto-encoder (needs at least 9)")
+        self.encoder = nn.ModuleList([_convs(channels, w), _convs(w, w), _convs(w, w)])
+        self.bottleneck = _convs(w, w)
+        self.decoder = nn.ModuleList([nn.ConvTranspose2d(w, w, 2, stride=2),
+                                      nn.ConvTranspose2d(2 * w, w, 2, stride=2),
+                                      nn.ConvTranspose2d(2 * w, channels - w, 2, stride=2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        multiple = 2 ** POOLINGS
+        pad_h, pad_w = (-h) % multiple, (-w) % multiple
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bottleneck(x)
+        for up in self.decoder:
+            x = torch.cat([up(x), skips.pop()], dim=1)
+        if pad_h or pad_w:
+            x = x[:, :, :h, :w]
+        return x
+
+
+class STFPMAE(AnomalyModel):
+    def __init__(self, config: STFPMAEConfig):
+        super().__init__()
+        self.config = config
+        self.teacher = FeaturePyramid(config.backbone, tuple(config.levels))
+        self.student = FeaturePyramid(config.backbone, tuple(config.levels))
+        self.autoencoders = nn.ModuleList(FeatureUNet(f.channels) for f in self.student.feature_info)
+        self.init_input(self.teacher.mean, self.teacher.std)
+        self.teacher.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def reconstructions(self, x: torch.Tensor):
+        """(teacher features, student features, reconstructed student features) per level."""
+        t = self.teacher(x)
+        s = self.student(x)
+        return t, s, [ae(f) for ae, f in zip(self.autoencoders, s)]
+
+    def level_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        t, _, r = self.reconstructions(x)
+        return [level_distance(ti, ri) for ti, ri in zip(t, r)]
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        amap = None
+        for level in self.level_maps(x):
+            up = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+            amap = up if amap is None else amap * up
+        return amap
+
+
+def joint_loss(t, s, r, alpha: float = ALPHA) -> tuple[torch.Tensor, torch.Tensor]:
+    """(α·Σ_l ‖R_s − F_s‖² per image, Σ_l mean ½‖φ(R_s) − φ(F_t)‖²)."""
+    n = s[0].shape[0]
+    recon = sum(((ri - si) ** 2).sum() for ri, si in zip(r, s)) / n
+    match = sum(level_distance(ti, ri).mean() for ti, ri in zip(t, r))
+    return alpha * recon, match
+
+
+def frozen_epochs(epochs: int, options: dict) -> int:
+    """The reference freezes the AEs for 5 of 100 epochs: 5 % of the run, rounded."""
+    if options.get("ae_frozen_epochs") is not None:
+        return int(options["ae_frozen_epochs"])
+    return int(round(0.05 * epochs))
+
+
+@register
+class STFPMAEMethod(Method):
+    name = "stfpm_ae"
+    title = "STFPM with a U-Net auto-encoder after each student level (reconstructed student features)"
+    paper = "STFPM (Wang et al., BMVC 2021) with per-level feature auto-encoders"
+    default_backbone = "efficientnet-lite0"
+    config_cls = STFPMAEConfig
+    defaults = {"epochs": 20, "batch_size": 16, "lr": 0.4, "ae_lr": 0.04, "ae_pretrain_epochs": 2}
+    option_names = ("backbone_weights", "momentum", "weight_decay", "ae_lr", "ae_pretrain_epochs",
+                    "ae_frozen_epochs", "clip_norm", "alpha")
+
+    def build(self, config: STFPMAEConfig) -> STFPMAE:
+        return STFPMAE(config)
+
+    def parts(self, model: STFPMAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = x.shape[-2:]
+        return {f"s{stride}": F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                for stride, m in zip(model.config.levels, model.level_maps(x))}
+
+    def fit(self, model: STFPMAE, images: np.ndarray, ctx: FitContext) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        opts = ctx.options
+        pre_epochs = int(opts.get("ae_pretrain_epochs", self.defaults["ae_pretrain_epochs"]))
+        ae_lr = float(opts.get("ae_lr", ctx.lr * self.defaults["ae_lr"] / self.defaults["lr"]))
+        frozen = frozen_epochs(ctx.epochs, opts)
+        clip = float(opts.get("clip_norm", 1.0))
+        alpha = float(opts.get("alpha", ALPHA))
+        if pre_epochs < 0 or frozen < 0:
+            raise MethodConfigError("ae_pretrain_epochs / ae_frozen_epochs: must be >= 0")
+        device = torch.device(ctx.device)
+        load_pretrained_teacher(model, ctx)
+        model.to(device)
+        data = nchw(images)
+        generator = torch.Generator().manual_seed(ctx.seed)
+        momentum = float(opts.get("momentum", 0.9))
+        weight_decay = float(opts.get("weight_decay", 1e-4))
+        adam = torch.optim.Adam(model.autoencoders.parameters(), lr=1e-3)
+        sgd = torch.optim.SGD([
+            {"params": list(model.student.parameters()), "lr": ctx.lr},
+            {"params": list(model.autoencoders.parameters()), "lr": ae_lr}],
+            momentum=momentum, weight_decay=weight_decay)
+        loop = EpochLoop(ctx, model, {"ae_pretrain": adam, "joint": sgd}, generator, kind="STFPMAE",
+                         config=model.config.to_dict())
+        total = pre_epochs + ctx.epochs
+        steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
+        bar = tqdm(total=total * steps, initial=loop.start_epoch * steps, disable=not ctx.progress,
+                   desc="stfpm_ae", dynamic_ncols=True)
+        trainable = list(model.student.parameters()) + list(model.autoencoders.parameters())
+        for epoch in range(loop.start_epoch, total):
+            model.train()
+            started, losses = time.time(), []
+            order = torch.randperm(len(data), generator=generator)
+            joint_epoch = epoch - pre_epochs
+            for batch in batches_of(data, ctx.batch_size, order):
+                x = model.normalize_input(batch.to(device))
+                if joint_epoch < 0:                       # AE pretraining on teacher features
+                    with torch.no_grad():
+                        t = model.teacher(x)
+                    loss = sum(F.mse_loss(ae(f), f) for ae, f in zip(model.autoencoders, t))
+                    adam.zero_grad(set_to_none=True)
+                    loss.backward()
+                    adam.step()
+                else:
+                    ae_frozen = joint_epoch < frozen
+                    t, s, r = model.reconstructions(x)
+                    recon, match = joint_loss(t, s, r, alpha)
+                    loss = recon + match
+                    sgd.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if ae_frozen:
+                        for p in model.autoencoders.parameters():
+                            p.grad = None
+                    torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], clip)
+                    sgd.step()
+                losses.append(float(loss.detach()))
+                bar.update(1)
+            stage = "ae_pretrain" if joint_epoch < 0 else (
+                "joint (AEs frozen)" if joint_epoch < frozen else "joint")
+            loop.save(epoch + 1, timed_entry(epoch + 1, losses, started, stage=stage))
+            bar.set_postfix(loss=f"{loop.history[-1]['loss']:.4f}")
+        bar.close()
+        layers = recompute_batchnorm_statistics(
+            model.student, (model.normalize_input(b.to(device)) for b in batches_of(data, 16)), device)
+        ctx.provenance["batchnorm_recomputed"] = {"layers": layers, "images": int(len(data))}
+        ctx.provenance["autoencoders"] = {"pretrain_epochs": pre_epochs, "frozen_epochs": frozen,
+                                          "lr": ae_lr, "alpha": alpha, "clip_norm": clip}
+        model.eval()
+        return loop.history
