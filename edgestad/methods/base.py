@@ -182,6 +182,44 @@ class EpochLoop:
                 "rng": self.generator.get_state(), "epoch": epoch, "history": self.history})
 
 
+def train_epochs(model, data: torch.Tensor, ctx: FitContext, optimizers: dict, loss_of,
+                 desc: str = "training", flip: bool = False) -> list[dict]:
+    """The resumable epoch loop the feature-matching methods share: shuffled batches of the
+    uint8 images, normalised (and randomly flipped left-right with ``flip``), ``loss_of(x)``,
+    one step of every optimizer; model, optimizers and RNG checkpointed after each epoch."""
+    from tqdm.auto import tqdm
+    device = torch.device(ctx.device)
+    generator = torch.Generator().manual_seed(ctx.seed)
+    loop = EpochLoop(ctx, model, optimizers, generator, kind=type(model).__name__,
+                     config=model.config.to_dict())
+    if loop.resumed:
+        print(f"resuming from epoch {loop.start_epoch} of {ctx.epochs} ({ctx.checkpoint})")
+    steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
+    bar = tqdm(total=ctx.epochs * steps, initial=loop.start_epoch * steps, disable=not ctx.progress,
+               desc=desc, dynamic_ncols=True)
+    for epoch in range(loop.start_epoch, ctx.epochs):
+        model.train()
+        started, losses = time.time(), []
+        order = torch.randperm(len(data), generator=generator)
+        for batch in batches_of(data, ctx.batch_size, order):
+            x = model.normalize_input(batch.to(device))
+            if flip:
+                mirror = torch.rand(len(x), 1, 1, 1, generator=generator) < 0.5
+                x = torch.where(mirror.to(device), x.flip(-1), x)
+            loss = loss_of(x)
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers.values():
+                opt.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+        loop.save(epoch + 1, timed_entry(epoch + 1, losses, started))
+        bar.set_postfix(loss=f"{loop.history[-1]['loss']:.4f}")
+    bar.close()
+    return loop.history
+
+
 def timed_entry(epoch: int, losses: list[float], started: float, **extra) -> dict:
     return {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
             "seconds": round(time.time() - started, 2), **extra}

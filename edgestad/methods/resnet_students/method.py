@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import register
-from ..base import ConfigMixin, EpochLoop, FitContext, Method, batches_of, nchw, timed_entry
+from ..base import ConfigMixin, FitContext, Method, nchw, train_epochs
 from ..common.backbones import PRETRAINED, check_backbone, FeaturePyramid, describe_weights
 from ..common.scoring import AnomalyModel, parse_image_score
 
@@ -111,39 +111,17 @@ class ResNetStudentsMethod(Method):
         return ResNetStudents(config)
 
     def fit(self, model: ResNetStudents, images: np.ndarray, ctx: FitContext) -> list[dict]:
-        from tqdm.auto import tqdm
-        device = torch.device(ctx.device)
         weights = ctx.options.get("backbone_weights") or PRETRAINED
         ctx.provenance["backbone"] = describe_weights(model.config.backbone, weights)
         model.teacher.load_state_dict(
             FeaturePyramid(model.config.backbone, (4,), weights=weights).state_dict())
-        model.to(device)
-        data = nchw(images)
-        generator = torch.Generator().manual_seed(ctx.seed)
+        model.to(torch.device(ctx.device))
         optimizer = torch.optim.Adam(model.students.parameters(), lr=ctx.lr)
-        loop = EpochLoop(ctx, model, {"students": optimizer}, generator, kind="ResNetStudents",
-                         config=model.config.to_dict())
-        steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
-        bar = tqdm(total=ctx.epochs * steps, initial=loop.start_epoch * steps,
-                   disable=not ctx.progress, desc="students", dynamic_ncols=True)
-        import time
-        for epoch in range(loop.start_epoch, ctx.epochs):
-            model.train()
-            started, losses = time.time(), []
-            for batch in batches_of(data, ctx.batch_size, torch.randperm(len(data), generator=generator)):
-                x = model.normalize_input(batch.to(device))
-                flip = torch.rand(len(x), 1, 1, 1, generator=generator) < 0.5
-                x = torch.where(flip.to(device), x.flip(-1), x)
-                loss = model.squared_differences(x).mean(dim=(1, 2, 3, 4)).sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-            loop.save(epoch + 1, timed_entry(epoch + 1, losses, started))
-        bar.close()
+        history = train_epochs(
+            model, nchw(images), ctx, {"students": optimizer},
+            lambda x: model.squared_differences(x).mean(dim=(1, 2, 3, 4)).sum(), "students", flip=True)
         model.eval()
-        return loop.history
+        return history
 
     @torch.no_grad()
     def calibrate(self, model: ResNetStudents, images, boxes, device) -> dict:

@@ -14,14 +14,13 @@ initialisation (student) to match the teacher's feature pyramid on good images.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..base import ConfigMixin, EpochLoop, FitContext, Method, batches_of, nchw, timed_entry
+from ..base import ConfigMixin, FitContext, Method, batches_of, nchw, train_epochs
 from ..common.backbones import (PRETRAINED, FeaturePyramid, check_backbone, describe_weights,
                                 recompute_batchnorm_statistics)
 from ..common.scoring import AnomalyModel, parse_image_score
@@ -105,41 +104,17 @@ def load_pretrained_teacher(model, ctx: FitContext) -> None:
 
 def fit_student(model: STFPM, images: np.ndarray, ctx: FitContext, flip: bool = False) -> list[dict]:
     """The STFPM loop (also used by methods whose student is trained the same way)."""
-    from tqdm.auto import tqdm
-
     device = torch.device(ctx.device)
     load_pretrained_teacher(model, ctx)
     model.to(device)
     data = nchw(images)
-    generator = torch.Generator().manual_seed(ctx.seed)
     optimizer = torch.optim.SGD(model.student.parameters(), lr=ctx.lr,
                                 momentum=float(ctx.options.get("momentum", 0.9)),
                                 weight_decay=float(ctx.options.get("weight_decay", 1e-4)))
-    loop = EpochLoop(ctx, model, {"student": optimizer}, generator, kind=type(model).__name__,
-                     config=model.config.to_dict())
-    steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
-    bar = tqdm(total=ctx.epochs * steps, initial=loop.start_epoch * steps, disable=not ctx.progress,
-               desc="student", dynamic_ncols=True)
-    for epoch in range(loop.start_epoch, ctx.epochs):
-        model.train()
-        started, losses = time.time(), []
-        order = torch.randperm(len(data), generator=generator)
-        for batch in batches_of(data, ctx.batch_size, order):
-            x = model.normalize_input(batch.to(device))
-            if flip:
-                x = torch.where(torch.rand(len(x), 1, 1, 1, generator=generator) < 0.5,
-                                x.flip(-1), x)
-            loss = sum(m.mean() for m in model.level_maps(x))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-        loop.save(epoch + 1, timed_entry(epoch + 1, losses, started))
-        bar.set_postfix(loss=f"{loop.history[-1]['loss']:.4f}")
-    bar.close()
+    history = train_epochs(model, data, ctx, {"student": optimizer},
+                           lambda x: sum(m.mean() for m in model.level_maps(x)), "student", flip)
     layers = recompute_batchnorm_statistics(
         model.student, (model.normalize_input(b.to(device)) for b in batches_of(data, 16)), device)
     ctx.provenance["batchnorm_recomputed"] = {"layers": layers, "images": int(len(data))}
     model.eval()
-    return loop.history
+    return history
