@@ -46,7 +46,16 @@ MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"
 REQUIRED_KEYS = ("format", "format_version", "method", "method_config", "input", "files")
 # Keys the bundle code owns; callers of add_files must not overwrite them via manifest_updates.
-_MANAGED_KEYS = ("format", "format_version", "files")
+_MANAGED_KEYS = ("format", "format_version", "files", "decision_digest")
+# The manifest's decision-relevant content: what turns a map into OK/NG. ``decision_digest``
+# holds a sha256 per section (and per sub-key of dict sections) over canonical JSON, written by
+# write_bundle/add_files and checked by load_bundle, so a hand edit of e.g. thresholds.image is
+# reported by name instead of silently changing decisions. Change thresholds with
+# ``edgestad thresholds`` (it records the change in ``thresholds_history``).
+DECISION_KEYS = ("thresholds", "score_stats", "input", "method", "method_config", "image_score",
+                 "thresholds_history")
+DIGEST_KEY = "decision_digest"
+SIGNATURE_NAME = "signature.json"
 ENV_BUNDLE = "EDGESTAD_BUNDLE"
 CONFIG_NAME = "edgestad.toml"
 
@@ -63,6 +72,17 @@ class BundleError(Exception):
 
     Messages always name the bundle path and the file concerned, and say what is wrong.
     """
+
+
+class DecisionDigestError(BundleError):
+    """The manifest's decision-relevant content differs from its ``decision_digest``.
+
+    ``sections`` names what differs (e.g. ``["thresholds.image"]``); empty when the digest is
+    missing altogether."""
+
+    def __init__(self, message: str, sections: list[str] | None = None):
+        super().__init__(message)
+        self.sections = list(sections or [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,14 +246,18 @@ class Bundle:
         self._verified[name] = state
 
 
-def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
+def load_bundle(path: str | os.PathLike[str], verify: bool = True,
+                check_decisions: bool = True) -> Bundle:
     """Load a bundle directory or a bundle archive (``.tar``, ``.tar.gz``/``.tgz``, ``.zip``).
 
     Always checks the manifest structure: format, format_version (newer than this code ->
     error), required keys, plain file names, and that weights.safetensors is listed.
     With ``verify=True`` (default) also checks that every listed file exists, that its sha256
     matches, and that weights.safetensors really is a safetensors file. ``verify=False`` skips
-    the per-file checks, e.g. to inspect the manifest of a damaged bundle.
+    the per-file checks, e.g. to inspect the manifest of a damaged bundle. The decision-relevant
+    sections (``DECISION_KEYS``: thresholds, score_stats, input, method, ...) must match the
+    manifest's ``decision_digest`` (DecisionDigestError names the section that changed);
+    ``check_decisions=False`` skips only that check (``edgestad thresholds --seal`` uses it).
 
     Archives are extracted safely (no absolute paths, no '..', no links) into a cache directory
     beside the archive (``.<archive name>.<sha>.edgestad-extract``), or under the system temp
@@ -248,6 +272,8 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
         bundle_dir = source
     manifest = _read_manifest(bundle_dir)
     bundle = Bundle(bundle_dir, manifest, verify=verify, source=source)
+    if verify and check_decisions:
+        verify_decision_digest(manifest, bundle_dir)
     if verify:
         for name in manifest["files"]:
             bundle._verify_file(name)
@@ -261,6 +287,79 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
             _check_safetensors_header(bundle_dir, WEIGHTS_NAME, head, weights_path.stat().st_size,
                                       read_header)
     return bundle
+
+
+# ----------------------------------------------------------------------------------------------
+# Decision digest
+# ----------------------------------------------------------------------------------------------
+
+
+def canonical_json(value: Any) -> bytes:
+    """The canonical JSON bytes digests and signatures are computed over: keys sorted, no
+    whitespace, UTF-8, no NaN (numpy values converted as in the manifest)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False, default=_json_default).encode("utf-8")
+
+
+def _sha(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value)).hexdigest()
+
+
+def decision_sections(manifest: Mapping) -> dict[str, str]:
+    """sha256 per decision section present in ``manifest``, and per sub-key of dict sections
+    (``thresholds.image``), so a mismatch can be reported by name."""
+    sections: dict[str, str] = {}
+    for key in DECISION_KEYS:
+        if key not in manifest:
+            continue
+        value = manifest[key]
+        sections[key] = _sha(value)
+        if isinstance(value, Mapping):
+            for sub, item in value.items():
+                sections[f"{key}.{sub}"] = _sha(item)
+    return sections
+
+
+def decision_digest(manifest: Mapping) -> dict:
+    """The ``decision_digest`` entry for ``manifest`` (written by write_bundle / add_files)."""
+    sections = decision_sections(manifest)
+    return {"algorithm": "sha256", "canonical": "JSON, keys sorted, no whitespace, UTF-8",
+            "covers": [k for k in DECISION_KEYS if k in manifest], "sections": sections,
+            "sha256": _sha(sections)}
+
+
+def decision_differences(manifest: Mapping) -> list[str] | None:
+    """Names of the decision sections that differ from the stored digest (most specific first:
+    ``thresholds.image`` rather than ``thresholds``); [] when they all match; None when the
+    manifest has no usable digest."""
+    stored = manifest.get(DIGEST_KEY)
+    if not isinstance(stored, Mapping) or not isinstance(stored.get("sections"), Mapping):
+        return None
+    expected = dict(stored["sections"])
+    actual = decision_sections(manifest)
+    names = sorted(n for n in set(expected) | set(actual) if expected.get(n) != actual.get(n))
+    if not names and stored.get("sha256") != _sha(expected):
+        return [DIGEST_KEY]
+    specific = [n for n in names if not any(o.startswith(n + ".") for o in names)]
+    return specific
+
+
+def verify_decision_digest(manifest: Mapping, bundle_dir: Path) -> None:
+    """Raise DecisionDigestError unless the manifest's decision sections match its digest."""
+    where = f"bundle {bundle_dir}: file {MANIFEST_NAME}"
+    diff = decision_differences(manifest)
+    if diff is None:
+        raise DecisionDigestError(
+            f"{where} has no valid {DIGEST_KEY}, so its thresholds and score statistics cannot be "
+            "shown to be the trained/calibrated ones (written by an older edgestad, or removed); "
+            f"check them with `edgestad thresholds {bundle_dir} --show`, then seal them with "
+            f"`edgestad thresholds {bundle_dir} --seal`")
+    if diff:
+        verb = "differs" if len(diff) == 1 else "differ"
+        raise DecisionDigestError(
+            f"{where}: {', '.join(diff)} {verb} from what was trained/calibrated ({DIGEST_KEY} "
+            "mismatch: the manifest was edited by hand); change thresholds with `edgestad "
+            "thresholds`, or retrain", diff)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,6 +412,7 @@ def write_bundle(
         manifest["format_version"] = FORMAT_VERSION
         manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest["code_version"] = _code_version()
+        manifest[DIGEST_KEY] = decision_digest(manifest)
         _write_new_file(tmp_dir / MANIFEST_NAME, _json_bytes(manifest, tmp_dir / MANIFEST_NAME))
         fsync_dir(tmp_dir)
         _swap_in(tmp_dir, target)
@@ -327,6 +427,7 @@ def add_files(
     files: Mapping[str, FileSource],
     manifest_updates: dict | None = None,
     remove: Iterable[str] = (),
+    check_decisions: bool = True,
 ) -> Bundle:
     """Add or replace files in an existing bundle directory and update its manifest.
 
@@ -336,12 +437,18 @@ def add_files(
     replace), and the ``remove``\\ d names dropped; only then are removed files deleted. A crash
     before the manifest rewrite can leave a replaced file whose hash no longer matches: the
     loader then reports a sha256 mismatch for that file instead of silently running it.
+    The manifest on disk must match its ``decision_digest`` (else DecisionDigestError, nothing
+    written; ``check_decisions=False`` only for ``edgestad thresholds --seal``); the digest is
+    recomputed after ``manifest_updates`` are merged, so changes made through here are legitimate.
     Returns the bundle loaded without re-hashing the untouched files.
     """
     bundle_dir = Path(path)
     if not bundle_dir.is_dir():
         raise BundleError(f"bundle {bundle_dir}: not a bundle directory (add_files cannot modify archives)")
     manifest = _read_manifest(bundle_dir)
+    if check_decisions:
+        # Never re-digest a manifest someone edited by hand: that would launder the edit.
+        verify_decision_digest(manifest, bundle_dir)
     files = dict(files)
     remove = list(remove)
     for name in list(files) + remove:
@@ -380,6 +487,7 @@ def add_files(
     for name in remove:
         manifest["files"].pop(name, None)
     manifest["files"].update(hashes)
+    manifest[DIGEST_KEY] = decision_digest(manifest)
     atomic_write_json(bundle_dir / MANIFEST_NAME, manifest)
 
     for name in remove:
@@ -406,6 +514,8 @@ def pack_bundle(bundle_dir: str | os.PathLike[str], archive_path: str | os.PathL
     if kind is None:
         raise BundleError(f"archive {archive}: unsupported suffix; use .zip, .tar, .tar.gz or .tgz")
     names = [MANIFEST_NAME] + sorted(bundle.manifest["files"])
+    if (bundle.path / SIGNATURE_NAME).is_file():  # not listed: it signs the manifest's hashes
+        names.append(SIGNATURE_NAME)
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(f".{archive.name}.{secrets.token_hex(6)}.tmp")
     try:
@@ -575,6 +685,9 @@ def default_bundle_path() -> Path:
                 data = tomllib.load(fh)
         except tomllib.TOMLDecodeError as exc:
             raise BundleError(f"{config}: invalid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise BundleError(f"{config}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                              f"offset {exc.start}); save it as UTF-8") from None
         value = data.get("bundle")
         if value is None:
             raise BundleError(

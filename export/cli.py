@@ -82,7 +82,7 @@ def export(bundle, precisions, opset, batch, max_batch, calibration_images, cali
 
 
 def _run(bundle_path, options, export_bundle, expected):
-    """Turn every anticipated failure into a one-paragraph click error (exit code 1)."""
+    """Turn every anticipated failure into a one-line click error (exit code 2)."""
     from .calibration import CalibrationError
     from .graph import GraphError
     from .parity import ParityError
@@ -92,11 +92,11 @@ def _run(bundle_path, options, export_bundle, expected):
     try:
         return export_bundle(bundle_path, options, log=click.echo)
     except TrtCompatError as exc:
-        raise click.ClickException(f"{exc}\nNothing was written to the bundle.") from None
+        raise click.ClickException(f"{exc}; nothing was written to the bundle") from None
     except (GraphError, ParityError, CalibrationError) as exc:
-        raise click.ClickException(f"{exc}\nNothing was written to the bundle.") from None
+        raise click.ClickException(f"{exc}; nothing was written to the bundle") from None
     except EngineBuildError as exc:
-        raise click.ClickException(f"{exc}\nThe ONNX graphs were written; the engine was not.") from None
+        raise click.ClickException(f"{exc}; the ONNX graphs were written, the engine was not") from None
     except expected as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -2,7 +2,8 @@
 
 Steps, each of which must succeed before anything is written:
 
-1. load and verify the bundle (BundleError names the bad file);
+1. load and verify the bundle (BundleError names the bad file, or the decision section that was
+   edited by hand) and the thresholds baked into its graphs (they must equal the manifest's);
 2. per precision, reuse the bundle's existing graph when it was made from the same weights,
    thresholds, opset and code version (so a Jetson without torch can build engines from a bundle
    exported on the workstation), otherwise make it: fp32 from the torch model, fp16 and int8 from
@@ -177,7 +178,11 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
     precisions = normalize_precisions(options.precisions)
     if not 1 <= options.batch <= options.max_batch:
         raise ExportError(f"--batch {options.batch} must be between 1 and --max-batch {options.max_batch}")
-    bundle = load_bundle(bundle_path)
+    bundle = load_bundle(bundle_path)  # files and the decision digest: a hand-edited manifest stops here
+    # Graphs whose baked thresholds differ from the manifest are refused, not silently re-exported:
+    # thresholds change only through `edgestad thresholds`, which keeps both in step.
+    from edgestad.trust import check_graph_thresholds
+    check_graph_thresholds(bundle)
     if bundle.source.is_file():
         raise ExportError(f"bundle {bundle.source} is an archive; export adds files to a bundle directory "
                           "- unpack it first")

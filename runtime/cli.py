@@ -65,6 +65,7 @@ def _opt(*decls: str, **kw: Any):
 @_opt("--reconnect-initial", type=float, help="First reconnect delay in s [0.5]; doubles up to --reconnect-max.")
 @_opt("--reconnect-max", type=float, help="Longest reconnect delay in s [30].")
 @_opt("--max-reconnects", type=int, help="Give up after this many failed opens in a row [live: never; files: 0].")
+@_opt("--trusted-key", metavar="PUB", help="Ed25519 public key (PEM): refuse bundles not signed with it (`edgestad sign`).")
 @_opt("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @_opt("--config", "config_file", type=click.Path(path_type=Path), help="TOML file with any of these options (CLI wins).")
 @click.pass_context
@@ -72,8 +73,9 @@ def run(ctx: click.Context, bundle: Path | None, config_file: Path | None, **opt
     """Run anomaly detection on a camera, video, folder, stream or GStreamer pipeline.
 
     BUNDLE defaults to $EDGESTAD_BUNDLE or `bundle` in ./edgestad.toml. Exit codes: 0 done or
-    stopped by SIGTERM/SIGINT, 2 bad options/config, 3 source unusable, 4 model unusable here,
-    5 output unusable.
+    stopped by SIGTERM/SIGINT, 2 bad options/config, 3 source unusable, 4 model unusable here
+    (damaged bundle, graph thresholds that differ from the manifest, unsigned bundle with
+    --trusted-key), 5 output unusable. Every error is one `error: ...` line on stderr.
     """
     from .config import build_config
 
@@ -82,16 +84,20 @@ def run(ctx: click.Context, bundle: Path | None, config_file: Path | None, **opt
     try:
         cfg = build_config(config_file, options)
     except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {one_line(exc)}", err=True)
         ctx.exit(exc.exit_code)
     _setup_logging(cfg.log_level)
     try:
         summary = run_with_config(cfg)
     except RuntimeFailure as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {one_line(exc)}", err=True)
         ctx.exit(exc.exit_code)
     click.echo(json.dumps({"summary": summary}, sort_keys=True))
     ctx.exit(EXIT_OK)
+
+
+def one_line(exc) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def _setup_logging(level: str) -> None:
@@ -125,6 +131,7 @@ def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
     try:
         bundle_path = Path(cfg.bundle) if cfg.bundle else default_bundle_path()
         bundle = load_bundle(bundle_path)
+        check_trust(bundle, cfg.trusted_key)
     except BundleError as exc:
         raise BackendError(str(exc)) from None
     manifest_name = f"{bundle.path}/manifest.json"
@@ -200,6 +207,17 @@ def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
         backend.close()
     log.info("done: %s", pipeline.status_line())
     return summary.to_dict()
+
+
+def check_trust(bundle, trusted_key: str | None) -> None:
+    """The graphs' baked thresholds must equal the manifest's; with a trusted key, the bundle must
+    be signed with it over exactly these files and decisions. BundleError otherwise."""
+    from edgestad.trust import check_graph_thresholds, verify_signature
+
+    check_graph_thresholds(bundle)
+    if trusted_key:
+        key = verify_signature(bundle, trusted_key)
+        log.info("bundle signed with the trusted key %s", key)
 
 
 def webhook_outbox_dir(cfg) -> str | None:
@@ -281,7 +299,7 @@ def _config_write_paths(ctx: click.Context, config: Path) -> list[str]:
     try:
         values = values_from_file(config)
     except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {one_line(exc)}", err=True)
         ctx.exit(exc.exit_code)
     paths = [values[k] for k in ("events", "save_ng", "trt_cache", "webhook_outbox") if values.get(k)]
     return paths
@@ -319,7 +337,12 @@ def install(ctx, config, user, watchdog, write_path, csi, python, unit_path) -> 
     click.echo(next_steps(path, opts, config_exists=Path(config).is_file()))
 
 
-@click.group()
+def _one_line_group():
+    from edgestad.cli import OneLineErrors
+    return OneLineErrors
+
+
+@click.group(cls=_one_line_group())
 def main() -> None:
     """edgestad runtime (torch-free entry point)."""
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 SOURCE_KEYS = ("camera", "video", "folder", "url", "gstreamer")
-PATH_KEYS = ("bundle", "video", "folder", "events", "save_ng", "trt_cache", "webhook_outbox")
+PATH_KEYS = ("bundle", "video", "folder", "events", "save_ng", "trt_cache", "webhook_outbox", "trusted_key")
 
 
 @dataclass
@@ -64,6 +64,7 @@ class RunConfig:
     reconnect_initial: float = 0.5
     reconnect_max: float = 30.0
     max_reconnects: int | None = None  # consecutive failed opens; None: forever (live), 0 (files)
+    trusted_key: str | None = None  # Ed25519 public key: run only bundles signed with it
     log_level: str = "INFO"
 
     def source(self) -> tuple[str, str]:
@@ -158,6 +159,9 @@ def read_toml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); save the config file as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
 
@@ -247,6 +251,7 @@ if __name__ == "__main__":
         checked = build_config(sys.argv[1], {})
         checked.source()
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()),
+              file=sys.stderr)
         sys.exit(exc.exit_code)
     print(checked)

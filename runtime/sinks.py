@@ -526,13 +526,21 @@ def parse_mqtt(spec: str) -> tuple[str, int, str]:
     return m.group(1), int(m.group(2) or 1883), m.group(3)
 
 
+# A full MQTT queue while connected waits this long for PUBACKs to make room (and gives up sooner
+# when none arrives for FULL_QUEUE_STALL_S) before the message is dropped.
+FULL_QUEUE_GRACE_S = 5.0
+FULL_QUEUE_STALL_S = 1.0
+
+
 class MqttSink(_BackgroundSender):
     """Publishes NG events to an MQTT topic, QoS 1, with paho-mqtt (only if it is installed).
 
     While the broker is unreachable, paho-mqtt keeps reconnecting (``reconnect_min`` s, doubling
     up to ``reconnect_max`` s) and holds up to ``queue_size`` messages that the broker has not
     acknowledged yet; they are sent, in order, once it is back. A message published while that
-    queue is full is dropped and counted (``dropped``, logged). Nothing below the bound is lost
+    queue is full is dropped and counted (``dropped``, logged) - unless the client is connected
+    and acknowledgements are arriving (the backlog draining after a reconnect): then it waits for
+    room (``FULL_QUEUE_GRACE_S``) rather than drop a message the broker could take. Nothing below the bound is lost
     while the runtime keeps running (at least once: a message whose PUBACK was lost is sent again).
     The queue is in memory: what is unacknowledged when the runtime stops is lost (``close``
     waits up to its timeout for acknowledgements first).
@@ -567,7 +575,22 @@ class MqttSink(_BackgroundSender):
         full_code = mqtt.MQTT_ERR_QUEUE_SIZE
 
         def publish(record: dict) -> bool:
-            info = client.publish(topic, json.dumps(record, default=_json_default), qos=1)
+            payload = json.dumps(record, default=_json_default)
+            info = client.publish(topic, payload, qos=1)
+            if info.rc == full_code and client.is_connected():
+                # Connected, yet full: the queue holds messages already (re)sent whose PUBACKs are
+                # on their way, e.g. the backlog resent right after a reconnect. While they keep
+                # arriving, wait for room instead of dropping a message the broker could take.
+                # (This runs on the sender's own thread; frames are not held up.)
+                now = time.monotonic()
+                deadline, seen, progress = now + FULL_QUEUE_GRACE_S, self.acked, now
+                while (info.rc == full_code and client.is_connected() and now < deadline
+                       and now - progress < FULL_QUEUE_STALL_S):
+                    time.sleep(0.01)
+                    info = client.publish(topic, payload, qos=1)
+                    now = time.monotonic()
+                    if self.acked != seen:
+                        seen, progress = self.acked, now
             if info.rc == full_code:
                 self.dropped += 1
                 if self.dropped == 1 or self.dropped % 100 == 0:

@@ -230,6 +230,35 @@ def test_card_form_reuses_current_graphs_and_drops_stale_engines(exported, tmp_p
         json.dumps({"images": 3, "method": "minmax"}, sort_keys=True)
 
 
+def test_thresholds_command_keeps_exported_graphs_current(exported, tmp_path):
+    """`edgestad thresholds` rewrites the thresholds baked into every real exported graph: the
+    bundle verifies, export then reuses every graph (nothing re-exported), the graphs still give
+    the same maps, and ONNX Runtime loads them."""
+    import shutil
+    bundle_dir, _ = exported
+    work = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, work)
+    before = _listing(work)
+    runner = CliRunner()
+    result = runner.invoke(main, ["thresholds", str(work), "--image-threshold", "3.25",
+                                  "--pixel-threshold", "1.75"])
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(work)
+    assert (bundle.thresholds["pixel"], bundle.thresholds["image"]) == (1.75, 3.25)
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        meta = G.read_metadata(onnx.load(str(work / name)))
+        assert json.loads(meta["thresholds"]) == bundle.thresholds
+        assert onnx.load(str(work / name)).graph == onnx.load_from_string(before[name]).graph
+    result = runner.invoke(main, ["export", str(work), "--precision", "all", *FAST])
+    assert result.exit_code == 0, result.output
+    assert "re-exporting" not in result.output and result.output.count("reusing ") == 3
+    images = _images(2)
+    for name in ("model.onnx", "model.int8.onnx"):
+        old = ort.InferenceSession(before[name]).run(None, {"images": images})
+        new = ort.InferenceSession(str(work / name)).run(None, {"images": images})
+        assert all(np.array_equal(a, b) for a, b in zip(old, new))
+
+
 def test_fused_export_is_one_grouped_network_per_scale_with_the_same_maps(exported, tmp_path):
     bundle_dir, _ = exported
     work = tmp_path / "bundle"
@@ -267,7 +296,7 @@ def test_fused_export_is_one_grouped_network_per_scale_with_the_same_maps(export
 def test_unknown_precision_is_a_usage_error(tmp_path):
     result = CliRunner().invoke(main, ["export", str(tmp_path), "--precision", "int4"])
     assert result.exit_code == 2
-    assert "Invalid value for '-p' / '--precision'" in result.output and "int4" in result.output
+    assert result.stderr.startswith("error: -p / --precision: ") and "int4" in result.stderr
 
 
 def test_missing_bundle_argument_explains_the_defaults(tmp_path, monkeypatch):
@@ -289,7 +318,8 @@ def test_damaged_bundle_is_refused_and_left_untouched(tmp_path, tiny_dataset, da
         weights.write_bytes(bytes(data))
     before = _listing(bundle)
     result = CliRunner().invoke(main, ["export", str(bundle), "-p", "fp16"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "weights.safetensors" in result.output
     assert ("missing" in result.output) if damage == "missing" else ("sha256 mismatch" in result.output)
     assert _listing(bundle) == before
@@ -338,10 +368,11 @@ def test_tensorrt_incompatible_graph_is_refused_with_nothing_written(tmp_path, t
                           {k: v.detach().numpy() for k, v in net.state_dict().items()})
     before = _listing(bundle)
     result = CliRunner().invoke(main, ["export", str(bundle), "-p", "fp32", *FAST])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert "not TensorRT-compatible" in result.output
     assert "(MaxPool): dilations [2, 2]" in result.output
-    assert "Nothing was written" in result.output
+    assert "nothing was written" in result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
     assert _listing(bundle) == before
 
 

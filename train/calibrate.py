@@ -41,9 +41,19 @@ def valid_pixels(maps: np.ndarray, boxes: np.ndarray | None) -> np.ndarray:
     return np.concatenate(parts)
 
 
+# Pixel false-positive rates (1, 2, 3, 5 per decade, 1e-5 .. 0.5) at which the validation pixel
+# quantiles are stored, so that `edgestad thresholds --pixel-fpr` can recompute the pixel
+# threshold without retraining (exact at these and the trained rate, log-linear between).
+PIXEL_FPR_GRID = tuple(float(f"{m}e{e}") for e in range(-5, 0) for m in (1, 2, 3, 5))
+
+
 def fit_thresholds(val_maps: np.ndarray, val_scores: np.ndarray, pixel_fpr: float = 0.001,
                    image_false_reject: float = 0.01, boxes: np.ndarray | None = None) -> dict:
-    pixel = float(np.quantile(valid_pixels(val_maps, boxes), 1.0 - pixel_fpr))
+    pixels = valid_pixels(val_maps, boxes)
+    pixel = float(np.quantile(pixels, 1.0 - pixel_fpr))
+    fprs = sorted(set(PIXEL_FPR_GRID) | {float(pixel_fpr)})
+    quantiles = {"fpr": fprs, "value": [float(np.quantile(pixels, 1.0 - f)) for f in fprs],
+                 "pixels": int(pixels.size)}
     scores = np.asarray(val_scores, dtype=np.float64)
     mu, sigma = float(scores.mean()), float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
     if image_false_reject > 0:
@@ -60,4 +70,5 @@ def fit_thresholds(val_maps: np.ndarray, val_scores: np.ndarray, pixel_fpr: floa
                      "image_false_reject": image_false_reject,
                      "validation_score_mean": mu, "validation_score_std": sigma,
                      "validation_score_max": float(scores.max()),
-                     "validation_images": int(len(scores))}}
+                     "validation_images": int(len(scores)),
+                     "validation_pixel_quantiles": quantiles}}

@@ -198,4 +198,21 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
                             echo=click.echo)
     except TrainError as exc:
         raise click.UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted. {_resume_hint(bundle)}", err=True)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        from edgestad.cli import _is_user_error
+        if not _is_user_error(exc):  # a crash during fit: say how to continue
+            click.echo(f"training failed. {_resume_hint(bundle)}", err=True)
+        raise
     click.echo(f"wrote bundle {path} ({m.name})")
+
+
+def _resume_hint(bundle: Path) -> str:
+    from .fit import partial_dir
+    checkpoint = partial_dir(bundle) / "checkpoint.pt"
+    if checkpoint.exists():
+        return (f"To resume, run the same command again: it continues from the last finished epoch "
+                f"in {checkpoint}.")
+    return "No epoch finished yet: the same command starts over."

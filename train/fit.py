@@ -39,6 +39,22 @@ def partial_dir(bundle_path: Path) -> Path:
     return bundle_path.parent / f".{bundle_path.name}.partial"
 
 
+def resume_line(checkpoint: Path, epochs: int) -> str:
+    """'resuming from epoch N of E (<checkpoint>)', N the epochs the checkpoint holds (as
+    methods.base.train_epochs words it; Uninformed Students: per scale)."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - the method's own load reports an unreadable checkpoint
+        return f"resuming from {checkpoint}"
+    if isinstance(state.get("epoch"), int):
+        return f"resuming from epoch {state['epoch']} of {epochs} ({checkpoint})"
+    done = state.get("done")
+    if isinstance(done, dict) and done:
+        scales = ", ".join(f"p={p}: {n}" for p, n in done.items())
+        return f"resuming from epoch {min(done.values())} of {epochs} (epochs done {scales}; {checkpoint})"
+    return f"resuming from {checkpoint}"
+
+
 def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settings: TrainSettings,
                  device: str = "cpu", progress: bool = True, log=None, force: bool = False,
                  echo=print) -> Path:
@@ -70,7 +86,7 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
     work = partial_dir(bundle_path)
     checkpoint = work / "checkpoint.pt"
     if checkpoint.exists():
-        echo(f"resuming from {checkpoint}")
+        echo(resume_line(checkpoint, epochs))
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps(
         {"data": str(data), "method": method.name, "config": config.to_dict(),

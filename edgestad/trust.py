@@ -1,0 +1,499 @@
+"""What a bundle decides with, and who vouches for it (torch-free, onnx-free).
+
+- The thresholds baked into every exported graph's metadata must equal the manifest's
+  (:func:`check_graph_thresholds`); ``edgestad run``, ``evaluate --backend onnx`` and ``export``
+  refuse a graph that disagrees.
+- :func:`change_thresholds` is the one legitimate way to change thresholds after training: it
+  recomputes them from the validation statistics stored at training time (or sets a value),
+  records who/when/old/new/rule in ``thresholds_history``, rewrites the ``thresholds`` metadata of
+  every graph (their hashes with them), drops TensorRT engines built from the old graphs and
+  updates the manifest's decision digest - no retraining.
+- Optional fleet signing: :func:`sign_bundle` writes ``signature.json`` (Ed25519 over the
+  manifest's file hashes and decision digest); :func:`verify_signature` is what
+  ``edgestad run --trusted-key`` checks.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import getpass
+import hashlib
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any, Callable, Mapping
+
+from .bundle import (DIGEST_KEY, MANIFEST_NAME, SIGNATURE_NAME, Bundle, BundleError, add_files,
+                     atomic_write_bytes, canonical_json, decision_differences, load_bundle,
+                     sha256_file)
+from .contract import ONNX_FILES, REPORT_FILE
+from . import graph_meta
+
+SIGNATURE_FORMAT = "edgestad-signature/1"
+PRIVATE_KEY_NAME = "edgestad-signing.key"
+PUBLIC_KEY_NAME = "edgestad-signing.pub"
+
+
+class ThresholdError(BundleError):
+    """A threshold change that cannot be made; the message names the option."""
+
+
+class GraphThresholdError(BundleError):
+    """An exported graph carries thresholds that differ from the manifest's."""
+
+
+class SignatureError(BundleError):
+    """A bundle is unsigned, signed by another key, or changed since it was signed."""
+
+
+# ------------------------------------------------------------------------------ graphs
+
+
+def graph_files(manifest: Mapping) -> dict[str, str]:
+    """precision -> ONNX file name of every exported graph listed in the manifest."""
+    files = manifest.get("files") or {}
+    listed = ((manifest.get("exports") or {}).get("onnx") or {})
+    out = {p: n for p, n in listed.items() if isinstance(n, str) and n in files} if isinstance(listed, Mapping) else {}
+    for precision, name in ONNX_FILES.items():
+        if name in files and name not in out.values():
+            out.setdefault(precision, name)
+    return out
+
+
+def _first_difference(baked: Any, manifest: Any, path: str) -> tuple[str, Any, Any] | None:
+    if isinstance(baked, Mapping) and isinstance(manifest, Mapping):
+        keys = [k for k in ("pixel", "image") if k in baked or k in manifest]
+        keys += sorted(k for k in set(baked) | set(manifest) if k not in keys)
+        for key in keys:
+            found = _first_difference(baked.get(key), manifest.get(key), f"{path}.{key}")
+            if found:
+                return found
+        return None
+    return None if baked == manifest else (path, baked, manifest)
+
+
+def graph_threshold_problem(bundle_dir: Path, manifest: Mapping, name: str) -> str | None:
+    """Why the graph ``name`` may not run with this manifest (its baked thresholds differ), or
+    None. Graphs without baked thresholds (not made by ``edgestad export``) cannot disagree."""
+    path = Path(bundle_dir) / name
+    try:
+        meta = graph_meta.read_metadata(path.read_bytes())
+    except FileNotFoundError:
+        return None  # the bundle's file check reports missing files
+    except graph_meta.GraphMetadataError as exc:
+        return f"{path}: not a readable ONNX model ({exc})"
+    text = meta.get("thresholds")
+    if text is None:
+        return None
+    try:
+        baked = json.loads(text)
+    except ValueError:
+        return f"{path}: its metadata 'thresholds' is not JSON ({text[:40]!r})"
+    found = _first_difference(baked, manifest.get("thresholds"), "thresholds")
+    if found is None:
+        return None
+    where, got, want = found
+    return (f"{path}: baked {where} {_short(got)} differs from {MANIFEST_NAME} {where} {_short(want)} "
+            "(the graph was exported with other thresholds; change thresholds only with "
+            "`edgestad thresholds`, which rewrites every graph)")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_graph_thresholds(bundle: Bundle, names: list[str] | None = None) -> None:
+    """Raise GraphThresholdError for the first graph whose baked thresholds differ."""
+    for name in names if names is not None else graph_files(bundle.manifest).values():
+        problem = graph_threshold_problem(bundle.path, bundle.manifest, name)
+        if problem:
+            raise GraphThresholdError(problem)
+
+
+# ------------------------------------------------------------------------------ thresholds
+
+
+def pixel_threshold_for_fpr(thresholds: Mapping, fpr: float) -> tuple[float, str]:
+    """The pixel threshold at validation pixel false-positive rate ``fpr``, from the quantile
+    table ``fit_thresholds`` stores (exact at its points, log-linear between them)."""
+    if not 0 < fpr < 1:
+        raise ThresholdError(f"--pixel-fpr: must be between 0 and 1, got {fpr}")
+    table = (thresholds.get("rule") or {}).get("validation_pixel_quantiles")
+    if not isinstance(table, Mapping) or not table.get("fpr"):
+        raise ThresholdError("--pixel-fpr: this bundle stores no validation pixel quantiles (trained "
+                             "before edgestad recorded them); set --pixel-threshold, or retrain")
+    fprs, values = [float(v) for v in table["fpr"]], [float(v) for v in table["value"]]
+    for f, v in zip(fprs, values):
+        if math.isclose(f, fpr, rel_tol=1e-12, abs_tol=0.0):
+            return v, f"quantile {1 - fpr:g} of validation good pixels (stored)"
+    if not fprs[0] <= fpr <= fprs[-1]:
+        raise ThresholdError(f"--pixel-fpr: {fpr:g} is outside the stored validation quantiles "
+                             f"({fprs[0]:g} .. {fprs[-1]:g}, {table.get('pixels', '?')} validation pixels)")
+    for (f0, v0), (f1, v1) in zip(zip(fprs, values), zip(fprs[1:], values[1:])):
+        if f0 <= fpr <= f1:
+            t = (math.log(fpr) - math.log(f0)) / (math.log(f1) - math.log(f0))
+            return v0 + t * (v1 - v0), (f"quantile {1 - fpr:g} of validation good pixels "
+                                        f"(interpolated between the stored fpr {f0:g} and {f1:g})")
+    raise ThresholdError(f"--pixel-fpr: {fpr:g} not found in the stored quantiles")  # pragma: no cover
+
+
+def image_threshold_for_false_reject(thresholds: Mapping, false_reject: float) -> tuple[float, str]:
+    """The image threshold for a false-reject target, from the stored validation image-score
+    mean/std (``false_reject = 0``: the largest validation score), as train/calibrate.py does."""
+    if not 0 <= false_reject < 0.5:
+        raise ThresholdError(f"--image-false-reject: must be in [0, 0.5), got {false_reject}")
+    rule = thresholds.get("rule") or {}
+    try:
+        if false_reject == 0:
+            return float(rule["validation_score_max"]), "largest validation good image score"
+        mu, sigma = float(rule["validation_score_mean"]), float(rule["validation_score_std"])
+    except (KeyError, TypeError, ValueError):
+        raise ThresholdError("--image-false-reject: this bundle stores no validation image-score "
+                             "statistics; set --image-threshold, or retrain") from None
+    z = NormalDist().inv_cdf(1.0 - false_reject)
+    return mu + z * sigma, (f"normal fit to validation good image scores: mean + {z:.3f}·std "
+                            f"(false-reject target {false_reject:g})")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _user() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in a bare container
+        user = f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def new_thresholds(thresholds: Mapping, *, pixel_fpr: float | None = None,
+                   image_false_reject: float | None = None, pixel: float | None = None,
+                   image: float | None = None) -> tuple[dict, list[str]]:
+    """(the new thresholds dict, the rule of each change)."""
+    new = json.loads(json.dumps(dict(thresholds)))
+    rule = new.setdefault("rule", {})
+    rules = []
+    if pixel_fpr is not None:
+        new["pixel"], text = pixel_threshold_for_fpr(thresholds, pixel_fpr)
+        rule.update(pixel=text, pixel_fpr=pixel_fpr)
+        rules.append(f"--pixel-fpr {pixel_fpr:g}: {text}")
+    if pixel is not None:
+        if not math.isfinite(pixel):
+            raise ThresholdError(f"--pixel-threshold: must be a finite number, got {pixel}")
+        new["pixel"] = float(pixel)
+        rule.update(pixel="set by hand (edgestad thresholds --pixel-threshold)", pixel_fpr=None)
+        rules.append(f"--pixel-threshold {pixel:g}: set by hand")
+    if image_false_reject is not None:
+        new["image"], text = image_threshold_for_false_reject(thresholds, image_false_reject)
+        rule.update(image=text, image_false_reject=image_false_reject)
+        rules.append(f"--image-false-reject {image_false_reject:g}: {text}")
+    if image is not None:
+        if not math.isfinite(image):
+            raise ThresholdError(f"--image-threshold: must be a finite number, got {image}")
+        new["image"] = float(image)
+        rule.update(image="set by hand (edgestad thresholds --image-threshold)", image_false_reject=None)
+        rules.append(f"--image-threshold {image:g}: set by hand")
+    return new, rules
+
+
+def change_thresholds(bundle_path, *, pixel_fpr: float | None = None,
+                      image_false_reject: float | None = None, pixel: float | None = None,
+                      image: float | None = None, reason: str | None = None,
+                      log: Callable[[str], None] = print) -> dict:
+    """Change the bundle's thresholds in place (see the module docstring); returns the history
+    entry. The bundle must verify (files and decision digest) before anything is changed."""
+    bundle = _directory_bundle(bundle_path, check_decisions=True)
+    manifest = bundle.manifest
+    old = bundle.thresholds
+    new, rules = new_thresholds(old, pixel_fpr=pixel_fpr, image_false_reject=image_false_reject,
+                                pixel=pixel, image=image)
+    entry = {"at": _now(), "by": _user(), "change": "thresholds",
+             "old": {"pixel": old.get("pixel"), "image": old.get("image")},
+             "new": {"pixel": new.get("pixel"), "image": new.get("image")}, "rule": "; ".join(rules)}
+    if reason:
+        entry["reason"] = reason
+    _rewrite(bundle, {"thresholds": new}, entry, log)
+    return entry
+
+
+def seal(bundle_path, reason: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """Adopt the manifest's decision sections as they are now (new digest), recorded in
+    ``thresholds_history``: for bundles written before the digest existed, or a deliberate,
+    recorded acceptance of a hand edit."""
+    bundle = _directory_bundle(bundle_path, check_decisions=False)
+    diff = decision_differences(bundle.manifest)
+    adopted = "no decision_digest before" if diff is None else (
+        "adopted hand edits of " + ", ".join(diff) if diff else "digest already matched")
+    thr = bundle.manifest.get("thresholds") or {}
+    entry = {"at": _now(), "by": _user(), "change": "seal",
+             "old": {"pixel": thr.get("pixel"), "image": thr.get("image")},
+             "new": {"pixel": thr.get("pixel"), "image": thr.get("image")},
+             "rule": f"sealed the manifest's decision sections as they are ({adopted})"}
+    if reason:
+        entry["reason"] = reason
+    _rewrite(bundle, {"thresholds": thr} if thr else {}, entry, log, check_decisions=False)
+    return entry
+
+
+def _directory_bundle(bundle_path, check_decisions: bool) -> Bundle:
+    bundle = load_bundle(bundle_path, check_decisions=check_decisions)
+    if bundle.source.is_file():
+        raise BundleError(f"bundle {bundle.source}: is an archive; thresholds are changed in a "
+                          "bundle directory - unpack it, change them, pack it again")
+    return bundle
+
+
+def _rewrite(bundle: Bundle, updates: dict, entry: dict, log, check_decisions: bool = True) -> Bundle:
+    manifest = bundle.manifest
+    thresholds = updates.get("thresholds", manifest.get("thresholds"))
+    graphs = graph_files(manifest)
+    files: dict[str, bytes] = {}
+    new_sha: dict[str, str] = {}
+    old_sha = {name: manifest["files"][name] for name in graphs.values()}
+    text = json.dumps(thresholds, sort_keys=True)  # as export/exporter.py bakes it
+    # fp32 first: fp16/int8 record the sha256 of the fp32 graph they were derived from.
+    for precision in sorted(graphs, key=lambda p: (p != "fp32", p)):
+        name = graphs[precision]
+        data = bundle.file(name).read_bytes()
+        meta = graph_meta.read_metadata(data)
+        props: dict[str, Any] = {}
+        if "thresholds" in meta or meta.get("edgestad.format"):
+            props["thresholds"] = text
+        fp32 = graphs.get("fp32")
+        if precision != "fp32" and fp32 in new_sha and meta.get("source_fp32_sha256") == old_sha.get(fp32):
+            props["source_fp32_sha256"] = new_sha[fp32]
+        if not props:
+            continue
+        rewritten = graph_meta.set_metadata(data, props)
+        new_sha[name] = hashlib.sha256(rewritten).hexdigest()
+        if new_sha[name] != old_sha[name]:
+            files[name] = rewritten
+            log(f"rewrote the thresholds in {name} (sha256 {old_sha[name][:12]} -> {new_sha[name][:12]})")
+    exports = manifest.get("exports") or {}
+    engines = [dict(e) for e in exports.get("engines") or [] if isinstance(e, Mapping)]
+    stale = [e for e in engines if e.get("onnx") in files or e.get("onnx_sha256") in
+             {old_sha[n] for n in files}]
+    remove = []
+    for e in stale:
+        for key in ("file", "sidecar"):
+            if e.get(key) and e[key] in manifest["files"]:
+                remove.append(e[key])
+        log(f"removed {e.get('file')}: it was built from {e.get('onnx') or 'a graph'} before the "
+            f"threshold change; rebuild it with `edgestad export {bundle.path}` on the device")
+    updates = dict(updates)
+    history = list(manifest.get("thresholds_history") or [])
+    updates["thresholds_history"] = history + [entry]
+    if files or stale:
+        kept = [e for e in engines if e not in stale]
+        export_updates: dict[str, Any] = {"engines": kept}
+        if isinstance(exports.get("onnx_sha256"), Mapping):
+            export_updates["onnx_sha256"] = {p: new_sha.get(n, exports["onnx_sha256"].get(p))
+                                             for p, n in graphs.items() if p in exports["onnx_sha256"]}
+        updates["exports"] = export_updates
+        report = _updated_report(bundle, graphs, files, new_sha, kept)
+        if report is not None:
+            files[REPORT_FILE] = report
+    bundle = add_files(bundle.path, files, manifest_updates=updates, remove=remove,
+                       check_decisions=check_decisions)
+    signature = bundle.path / SIGNATURE_NAME
+    if signature.exists():
+        signature.unlink()
+        log(f"removed {SIGNATURE_NAME}: it signed the bundle before this change; sign it again "
+            f"with `edgestad sign {bundle.path} --key KEY`")
+    return bundle
+
+
+def _updated_report(bundle: Bundle, graphs, files, new_sha, engines) -> bytes | None:
+    if REPORT_FILE not in bundle.manifest["files"]:
+        return None
+    try:
+        report = json.loads(bundle.file(REPORT_FILE).read_text())
+    except ValueError:
+        return None
+    for precision, name in graphs.items():
+        entry = (report.get("graphs") or {}).get(precision)
+        if isinstance(entry, dict) and name in files:
+            entry["sha256"] = new_sha[name]
+            entry["bytes"] = len(files[name])
+    report["engines"] = engines
+    return (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
+
+
+def describe(bundle: Bundle) -> str:
+    """What ``edgestad thresholds --show`` prints."""
+    m = bundle.manifest
+    thr = m.get("thresholds") or {}
+    rule = thr.get("rule") or {}
+    lines = [f"bundle {bundle.path} ({m.get('method')})",
+             f"  pixel threshold {thr.get('pixel')}  ({rule.get('pixel', '?')})",
+             f"  image threshold {thr.get('image')}  ({rule.get('image', '?')})"]
+    table = rule.get("validation_pixel_quantiles")
+    if isinstance(table, Mapping) and table.get("fpr"):
+        lines.append(f"  stored validation pixel quantiles: fpr {table['fpr'][0]:g} .. {table['fpr'][-1]:g} "
+                     f"({len(table['fpr'])} points, {table.get('pixels', '?')} pixels) -> --pixel-fpr works")
+    if "validation_score_mean" in rule:
+        lines.append(f"  validation image scores: mean {rule['validation_score_mean']:.6g}, std "
+                     f"{rule.get('validation_score_std', 0):.6g}, max {rule.get('validation_score_max', 0):.6g} "
+                     f"({rule.get('validation_images', '?')} images) -> --image-false-reject works")
+    diff = decision_differences(m)
+    lines.append("  decision digest: " + ("missing (seal with --seal)" if diff is None else
+                                         "matches" if not diff else "MISMATCH: " + ", ".join(diff)))
+    for name in graph_files(m).values():
+        problem = graph_threshold_problem(bundle.path, m, name)
+        lines.append(f"  {name}: " + ("thresholds match the manifest" if problem is None else "DIFFERS"))
+    sig = bundle.path / SIGNATURE_NAME
+    lines.append(f"  {SIGNATURE_NAME}: " + ("present" if sig.is_file() else "none"))
+    for e in m.get("thresholds_history") or []:
+        lines.append(f"  history: {e.get('at')} {e.get('by')}: {e.get('old')} -> {e.get('new')} "
+                     f"({e.get('rule')})" + (f" reason: {e['reason']}" if e.get("reason") else ""))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ signing
+
+
+def _crypto():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    return serialization, ed25519
+
+
+def _raw_public(public_key) -> bytes:
+    serialization, _ = _crypto()
+    return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(public_key) -> str:
+    return hashlib.sha256(_raw_public(public_key)).hexdigest()[:16]
+
+
+def _read_key_file(path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SignatureError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def load_private_key(path):
+    serialization, ed25519 = _crypto()
+    data = _read_key_file(path, "--key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise SignatureError(f"--key {path}: password-protected keys are not supported; use an "
+                             "unencrypted PEM key kept where only the signer can read it") from None
+    except ValueError as exc:
+        raise SignatureError(f"--key {path}: not a PEM private key ({exc})") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise SignatureError(f"--key {path}: is a {type(key).__name__}, not an Ed25519 key "
+                             "(make one with `edgestad keygen`)")
+    return key
+
+
+def load_public_key(path, what: str = "--trusted-key"):
+    serialization, ed25519 = _crypto()
+    data = _read_key_file(path, what)
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        try:  # a private key given by mistake still names its public half
+            key = serialization.load_pem_private_key(data, password=None).public_key()
+        except Exception:  # noqa: BLE001
+            raise SignatureError(f"{what} {path}: not a PEM public key") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise SignatureError(f"{what} {path}: not an Ed25519 public key (make one with `edgestad keygen`)")
+    return key
+
+
+def signing_payload(manifest: Mapping) -> dict:
+    digest = manifest.get(DIGEST_KEY)
+    return {"format": SIGNATURE_FORMAT, "files": dict(manifest["files"]),
+            "decision_digest": digest.get("sha256") if isinstance(digest, Mapping) else None}
+
+
+def sign_bundle(bundle_path, key_path) -> Path:
+    """Verify the bundle, then write ``signature.json`` beside its manifest."""
+    key = load_private_key(key_path)
+    bundle = _directory_bundle(bundle_path, check_decisions=True)
+    payload = signing_payload(bundle.manifest)
+    signature = key.sign(canonical_json(payload))
+    serialization, _ = _crypto()
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    doc = {"format": SIGNATURE_FORMAT, "algorithm": "ed25519", "key_id": key_id(key.public_key()),
+           "public_key": public_pem.decode(), "signed_at": _now(), "signed_by": _user(),
+           "signed": "canonical JSON of payload (file sha256s + decision digest)",
+           "payload": payload, "signature": base64.b64encode(signature).decode()}
+    path = bundle.path / SIGNATURE_NAME
+    atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def verify_signature(bundle: Bundle, trusted_key_path) -> str:
+    """Raise SignatureError unless ``signature.json`` was made with the trusted key over exactly
+    this bundle's file hashes and decision digest (the bundle itself must already have been
+    loaded with verification, which ties those to the files and the manifest). Returns the key id."""
+    from cryptography.exceptions import InvalidSignature
+
+    trusted = load_public_key(trusted_key_path)
+    path = bundle.path / SIGNATURE_NAME
+    where = f"bundle {bundle.source}"
+    if not path.is_file():
+        raise SignatureError(f"{where}: unsigned (no {SIGNATURE_NAME}) but --trusted-key requires a "
+                             f"bundle signed with key {key_id(trusted)} (`edgestad sign`)")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        payload, signature = doc["payload"], base64.b64decode(doc["signature"], validate=True)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise SignatureError(f"{where}: {SIGNATURE_NAME} is malformed") from None
+    if doc.get("key_id") != key_id(trusted):
+        raise SignatureError(f"{where}: signed with key {doc.get('key_id')}, not the trusted key "
+                             f"{key_id(trusted)}")
+    try:
+        trusted.verify(signature, canonical_json(payload))
+    except InvalidSignature:
+        raise SignatureError(f"{where}: {SIGNATURE_NAME} does not verify with the trusted key "
+                             f"{key_id(trusted)} (the signature file was altered)") from None
+    current = signing_payload(bundle.manifest)
+    if payload.get("decision_digest") != current["decision_digest"]:
+        raise SignatureError(f"{where}: thresholds/decision sections changed since the bundle was "
+                             "signed; sign it again")
+    signed_files, files = payload.get("files") or {}, current["files"]
+    changed = sorted(n for n in set(signed_files) | set(files) if signed_files.get(n) != files.get(n))
+    if changed:
+        raise SignatureError(f"{where}: file {changed[0]} " + (
+            "is not covered by the signature" if changed[0] not in signed_files else
+            "was removed since signing" if changed[0] not in files else "changed since signing")
+            + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "") + "; sign it again")
+    return key_id(trusted)
+
+
+def keygen(out_dir) -> tuple[Path, Path]:
+    """Write a new Ed25519 key pair (private key 0600) into ``out_dir``; never overwrites."""
+    serialization, ed25519 = _crypto()
+    out = Path(out_dir)
+    private, public = out / PRIVATE_KEY_NAME, out / PUBLIC_KEY_NAME
+    for path in (private, public):
+        if path.exists():
+            raise SignatureError(f"--out {out}: {path.name} already exists; refusing to overwrite a key")
+    out.mkdir(parents=True, exist_ok=True)
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+__all__ = ["GraphThresholdError", "SignatureError", "ThresholdError", "change_thresholds",
+           "check_graph_thresholds", "describe", "graph_files", "graph_threshold_problem", "keygen",
+           "load_private_key", "load_public_key", "seal", "sign_bundle", "signing_payload",
+           "verify_signature", "sha256_file"]
