@@ -22,6 +22,7 @@ import glob
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -40,7 +41,10 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10 fallback
     import tomli as tomllib  # type: ignore[no-redef]
 
 FORMAT = "edgestad-bundle"
-FORMAT_VERSION = 1
+# 2: the manifest carries ``decision_digest`` (required). Version-1 bundles (written before it
+# existed) still load, as "legacy" with a warning, until `edgestad thresholds --seal` upgrades them.
+FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1
 
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"
@@ -60,6 +64,8 @@ ENV_BUNDLE = "EDGESTAD_BUNDLE"
 CONFIG_NAME = "edgestad.toml"
 
 FileSource = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]
+
+log = logging.getLogger("edgestad.bundle")
 
 _CHUNK = 1 << 20
 # A safetensors file starts with an 8-byte little-endian header length followed by a JSON
@@ -157,6 +163,8 @@ class Bundle:
         self.verify = verify
         self.source = Path(source) if source is not None else self.path
         self._weights: dict[str, np.ndarray] | None = None
+        # A format-version-1 bundle without a decision digest (see FORMAT_VERSION).
+        self.legacy = is_legacy(manifest)
         # name -> (size, mtime_ns) of the file state whose hash was checked, so file() does not
         # re-hash large engines on every call but still notices a file replaced after loading.
         self._verified: dict[str, tuple[int, int]] = {}
@@ -274,6 +282,10 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True,
     bundle = Bundle(bundle_dir, manifest, verify=verify, source=source)
     if verify and check_decisions:
         verify_decision_digest(manifest, bundle_dir)
+        if bundle.legacy:
+            log.warning("bundle %s: format version 1 without a decision digest: its thresholds and "
+                        "score statistics are not protected; check them and seal them with "
+                        "`edgestad thresholds %s --seal`", source, source)
     if verify:
         for name in manifest["files"]:
             bundle._verify_file(name)
@@ -344,14 +356,23 @@ def decision_differences(manifest: Mapping) -> list[str] | None:
     return specific
 
 
+def is_legacy(manifest: Mapping) -> bool:
+    """A bundle written before the decision digest existed (format version 1, no digest)."""
+    return manifest.get("format_version") == LEGACY_FORMAT_VERSION and DIGEST_KEY not in manifest
+
+
 def verify_decision_digest(manifest: Mapping, bundle_dir: Path) -> None:
-    """Raise DecisionDigestError unless the manifest's decision sections match its digest."""
+    """Raise DecisionDigestError unless the manifest's decision sections match its digest
+    (legacy version-1 bundles without one pass; ``Bundle.legacy`` says so)."""
     where = f"bundle {bundle_dir}: file {MANIFEST_NAME}"
+    if is_legacy(manifest):
+        return
     diff = decision_differences(manifest)
     if diff is None:
         raise DecisionDigestError(
-            f"{where} has no valid {DIGEST_KEY}, so its thresholds and score statistics cannot be "
-            "shown to be the trained/calibrated ones (written by an older edgestad, or removed); "
+            f"{where} has no valid {DIGEST_KEY} (format version {manifest.get('format_version')} "
+            "requires one: it was removed), so its thresholds and score statistics cannot be "
+            "shown to be the trained/calibrated ones; "
             f"check them with `edgestad thresholds {bundle_dir} --show`, then seal them with "
             f"`edgestad thresholds {bundle_dir} --seal`")
     if diff:
@@ -428,6 +449,7 @@ def add_files(
     manifest_updates: dict | None = None,
     remove: Iterable[str] = (),
     check_decisions: bool = True,
+    seal: bool = False,
 ) -> Bundle:
     """Add or replace files in an existing bundle directory and update its manifest.
 
@@ -440,6 +462,8 @@ def add_files(
     The manifest on disk must match its ``decision_digest`` (else DecisionDigestError, nothing
     written; ``check_decisions=False`` only for ``edgestad thresholds --seal``); the digest is
     recomputed after ``manifest_updates`` are merged, so changes made through here are legitimate.
+    A legacy (version-1, digest-less) bundle stays so unless ``seal`` (``edgestad thresholds``),
+    which writes the current format version and a digest.
     Returns the bundle loaded without re-hashing the untouched files.
     """
     bundle_dir = Path(path)
@@ -487,7 +511,9 @@ def add_files(
     for name in remove:
         manifest["files"].pop(name, None)
     manifest["files"].update(hashes)
-    manifest[DIGEST_KEY] = decision_digest(manifest)
+    if seal or not is_legacy(manifest):
+        manifest["format_version"] = max(int(manifest["format_version"]), FORMAT_VERSION)
+        manifest[DIGEST_KEY] = decision_digest(manifest)
     atomic_write_json(bundle_dir / MANIFEST_NAME, manifest)
 
     for name in remove:

@@ -120,6 +120,9 @@ def _debug_requested(args) -> bool:
     return False
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
 class OneLineErrors(click.Group):
     """A group whose every user error is one ``error: ...`` line (see the module docstring)."""
 
@@ -137,6 +140,9 @@ class OneLineErrors(click.Group):
         except (click.Abort, KeyboardInterrupt, EOFError):
             click.echo("\nerror: interrupted", err=True)
             sys.exit(130)
+        except _NO_ARGS_IS_HELP as exc:  # bare `edgestad`: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
         except BaseException as exc:  # noqa: BLE001 - every failure ends in one line
             if debug and not isinstance(exc, click.UsageError):
                 raise

@@ -26,7 +26,7 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Callable, Mapping
 
-from .bundle import (DIGEST_KEY, MANIFEST_NAME, SIGNATURE_NAME, Bundle, BundleError, add_files,
+from .bundle import (DIGEST_KEY, FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME, Bundle, BundleError, add_files,
                      atomic_write_bytes, canonical_json, decision_differences, load_bundle,
                      sha256_file)
 from .contract import ONNX_FILES, REPORT_FILE
@@ -227,7 +227,8 @@ def seal(bundle_path, reason: str | None = None, log: Callable[[str], None] = pr
     recorded acceptance of a hand edit."""
     bundle = _directory_bundle(bundle_path, check_decisions=False)
     diff = decision_differences(bundle.manifest)
-    adopted = "no decision_digest before" if diff is None else (
+    adopted = "a format version 1 bundle, written before the digest existed" if bundle.legacy else \
+        "no decision_digest before" if diff is None else (
         "adopted hand edits of " + ", ".join(diff) if diff else "digest already matched")
     thr = bundle.manifest.get("thresholds") or {}
     entry = {"at": _now(), "by": _user(), "change": "seal",
@@ -237,6 +238,7 @@ def seal(bundle_path, reason: str | None = None, log: Callable[[str], None] = pr
     if reason:
         entry["reason"] = reason
     _rewrite(bundle, {"thresholds": thr} if thr else {}, entry, log, check_decisions=False)
+    log(f"{bundle.path}: decision digest written (format version {FORMAT_VERSION})")
     return entry
 
 
@@ -299,7 +301,7 @@ def _rewrite(bundle: Bundle, updates: dict, entry: dict, log, check_decisions: b
         if report is not None:
             files[REPORT_FILE] = report
     bundle = add_files(bundle.path, files, manifest_updates=updates, remove=remove,
-                       check_decisions=check_decisions)
+                       check_decisions=check_decisions, seal=True)
     signature = bundle.path / SIGNATURE_NAME
     if signature.exists():
         signature.unlink()
@@ -341,7 +343,9 @@ def describe(bundle: Bundle) -> str:
                      f"{rule.get('validation_score_std', 0):.6g}, max {rule.get('validation_score_max', 0):.6g} "
                      f"({rule.get('validation_images', '?')} images) -> --image-false-reject works")
     diff = decision_differences(m)
-    lines.append("  decision digest: " + ("missing (seal with --seal)" if diff is None else
+    lines.append("  decision digest: " + (
+        "none: legacy format version 1 bundle, thresholds unprotected (seal with --seal)" if bundle.legacy else
+        "missing (seal with --seal)" if diff is None else
                                          "matches" if not diff else "MISMATCH: " + ", ".join(diff)))
     for name in graph_files(m).values():
         problem = graph_threshold_problem(bundle.path, m, name)
@@ -420,6 +424,10 @@ def sign_bundle(bundle_path, key_path) -> Path:
     """Verify the bundle, then write ``signature.json`` beside its manifest."""
     key = load_private_key(key_path)
     bundle = _directory_bundle(bundle_path, check_decisions=True)
+    if bundle.legacy:
+        raise SignatureError(f"bundle {bundle.path}: has no decision digest (format version 1), so a "
+                             "signature could not cover its thresholds; check them, seal them with "
+                             f"`edgestad thresholds {bundle.path} --seal`, then sign")
     payload = signing_payload(bundle.manifest)
     signature = key.sign(canonical_json(payload))
     serialization, _ = _crypto()
@@ -460,7 +468,7 @@ def verify_signature(bundle: Bundle, trusted_key_path) -> str:
         raise SignatureError(f"{where}: {SIGNATURE_NAME} does not verify with the trusted key "
                              f"{key_id(trusted)} (the signature file was altered)") from None
     current = signing_payload(bundle.manifest)
-    if payload.get("decision_digest") != current["decision_digest"]:
+    if not current["decision_digest"] or payload.get("decision_digest") != current["decision_digest"]:
         raise SignatureError(f"{where}: thresholds/decision sections changed since the bundle was "
                              "signed; sign it again")
     signed_files, files = payload.get("files") or {}, current["files"]

@@ -80,7 +80,7 @@ def test_round_trip_weights_and_manifest(tmp_path: Path) -> None:
 
     m = b.manifest
     assert m["format"] == B.FORMAT == "edgestad-bundle"
-    assert m["format_version"] == B.FORMAT_VERSION == 1
+    assert m["format_version"] == B.FORMAT_VERSION == 2
     assert m["method"] == "uninformed_students"
     assert m["code_version"]
     created = dt.datetime.fromisoformat(m["created"])

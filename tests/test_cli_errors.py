@@ -119,6 +119,11 @@ def test_an_unexpected_failure_is_one_line_with_exit_1(tmp_path, monkeypatch):
     assert trust_cli  # imported: the command module is the one patched
 
 
+def test_bare_command_still_shows_the_help():
+    r = CliRunner().invoke(main, [])
+    assert "Commands:" in r.output and "thresholds" in r.output and "error:" not in r.output
+
+
 # ------------------------------------------------------------------------------ config files
 
 

@@ -139,6 +139,42 @@ def test_a_removed_digest_is_refused_and_seal_is_the_way_back(tmp_path):
     assert m["thresholds_history"][-1]["reason"] == "legacy bundle"
 
 
+def _make_legacy(bundle: Path) -> Path:
+    """What edgestad wrote before the digest existed: format version 1, no decision_digest."""
+    def legacy(m):
+        m.pop("decision_digest")
+        m["format_version"] = 1
+    _edit(bundle, legacy)
+    return bundle
+
+
+def test_a_legacy_bundle_still_runs_with_a_warning_until_sealed(tmp_path, caplog):
+    """Bundles already on devices keep running after an upgrade (warned, unprotected); sealing
+    upgrades them; a signature needs the digest."""
+    bundle = _make_legacy(make_bundle(tmp_path / "b"))
+    with caplog.at_level("WARNING", logger="edgestad.bundle"):
+        assert load_bundle(bundle).legacy
+    assert "--seal" in caplog.text
+    folder = write_folder(tmp_path / "frames", 2)
+    assert _run(bundle, folder).exit_code == 0
+    add_files(bundle, {"notes.txt": b"x"})  # e.g. export: stays legacy, gets no digest
+    assert load_bundle(bundle).legacy
+    keys = trust.keygen(tmp_path / "keys")
+    line = _one_error_line(CliRunner().invoke(main, ["sign", str(bundle), "--key", str(keys[0])]), 2)
+    assert "--seal" in line
+    r = CliRunner().invoke(main, ["thresholds", str(bundle), "--seal"])
+    assert r.exit_code == 0, r.output
+    sealed = load_bundle(bundle)
+    assert not sealed.legacy and sealed.manifest["format_version"] == 2
+    assert "format version 1" in sealed.manifest["thresholds_history"][-1]["rule"]
+    assert CliRunner().invoke(main, ["sign", str(bundle), "--key", str(keys[0])]).exit_code == 0
+    assert _run(bundle, folder, "--trusted-key", str(keys[1])).exit_code == 0
+    # a threshold change seals a legacy bundle too
+    other = _make_legacy(make_bundle(tmp_path / "c"))
+    assert CliRunner().invoke(main, ["thresholds", str(other), "--image-threshold", "0.7"]).exit_code == 0
+    assert not load_bundle(other).legacy
+
+
 def test_add_files_does_not_launder_a_hand_edit(tmp_path):
     bundle = make_bundle(tmp_path / "b")
     _edit(bundle, lambda m: m["thresholds"].update(pixel=0.01))
