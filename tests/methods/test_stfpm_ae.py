@@ -26,7 +26,8 @@ def test_unet_keeps_shape_and_pads_small_levels(side, padded):
 def test_frozen_epochs_scale_with_the_run():
     assert frozen_epochs(100, {}) == 5          # the reference: 5 of 100
     assert frozen_epochs(20, {}) == 1
-    assert frozen_epochs(4, {}) == 0
+    assert frozen_epochs(10, {}) == 1           # at least one epoch in a run of two or more
+    assert frozen_epochs(1, {}) == 0
     assert frozen_epochs(20, {"ae_frozen_epochs": 3}) == 3
 
 
