@@ -105,3 +105,15 @@ def test_synth_defects_one_line_errors(tmp_path, case):
     assert run.exit_code == 2, run.output
     lines = [line for line in run.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), run.output
+
+
+def test_synth_defects_is_an_edgestad_command(tmp_path):
+    from edgestad.cli import main
+    data = _plain_folder(tmp_path, n=2)
+    run = CliRunner().invoke(main, ["synth-defects", str(data), "--out", str(tmp_path / "o"), "-n", "1"])
+    assert run.exit_code == 0, run.output
+    assert (tmp_path / "o" / "ground_truth" / "synthetic" / "000_mask.png").is_file()
+    bad = CliRunner().invoke(main, ["synth-defects", str(tmp_path / "nope"), "--out", str(tmp_path / "p")])
+    assert bad.exit_code == 2
+    assert [line for line in bad.output.splitlines() if line.strip()] == [
+        f"error: DATA: {tmp_path / 'nope'}: no such folder"]
