@@ -192,8 +192,6 @@ def train_epochs(model, data: torch.Tensor, ctx: FitContext, optimizers: dict, l
     generator = torch.Generator().manual_seed(ctx.seed)
     loop = EpochLoop(ctx, model, optimizers, generator, kind=type(model).__name__,
                      config=model.config.to_dict())
-    if loop.resumed:
-        print(f"resuming from epoch {loop.start_epoch} of {ctx.epochs} ({ctx.checkpoint})")
     steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
     bar = tqdm(total=ctx.epochs * steps, initial=loop.start_epoch * steps, disable=not ctx.progress,
                desc=desc, dynamic_ncols=True)
