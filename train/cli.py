@@ -123,10 +123,14 @@ def _usage(option: str, message: str):
               "the validation good image scores (0 = the largest validation score).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--option", "extra", multiple=True, metavar="KEY=VALUE",
+              help="A method setting or option without its own flag (repeat), e.g. "
+              "-o disc_epochs=300 -o teacher2=resnet50 for rstpm; values are JSON or text. "
+              "The method's config fields and option names are accepted.")
 @click.option("--force", is_flag=True, help="Replace a finished bundle at --out.")
 def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, lr, input_size,
           image_score, resize, preset, patch_sizes, num_students, dense_stride, crop_size, teachers,
-          val_fraction, pixel_fpr, image_false_reject, device, seed, force):
+          val_fraction, pixel_fpr, image_false_reject, device, seed, extra, force):
     """Train a model on the good images of DATA (an MVTec category or a plain folder).
 
     Methods (--method):
@@ -186,6 +190,26 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
             values["num_students"] = num_students
     if backbone_weights:
         options["backbone_weights"] = backbone_weights
+    fields = set(m.config_cls.__dataclass_fields__)
+    for item in extra:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            _usage("--option", f"expected KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        if isinstance(value, list):
+            value = tuple(value)
+        if key in fields:
+            values[key] = value
+        elif key in m.option_names:
+            options[key] = value
+        else:
+            _usage("--option", f"{key!r} is neither a setting nor an option of method {name} "
+                   f"(settings: {', '.join(sorted(fields))}; options: "
+                   f"{', '.join(m.option_names) or 'none'})")
     try:
         config = m.make_config(**values)
     except (MethodConfigError, ValueError) as exc:

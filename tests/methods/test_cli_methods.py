@@ -92,3 +92,20 @@ def test_export_runtime_and_bench_take_the_contract_names_from_one_module():
         assert getattr(graph, name) is getattr(contract, name)
         assert getattr(backends, name) is getattr(contract, name)
     assert bench.INPUT_NAME is contract.INPUT_NAME and bench.OUTPUT_NAMES is contract.OUTPUT_NAMES
+
+
+def test_method_settings_and_options_without_their_own_flag(tiny_dataset, tmp_path):
+    r = CliRunner().invoke(main, ["train", str(tiny_dataset), "--out", str(tmp_path / "b"),
+                                  "-o", "no_such_thing=1"])
+    assert r.exit_code == 2 and "no_such_thing" in r.output and "settings:" in r.output
+    r = CliRunner().invoke(main, ["train", str(tiny_dataset), "--out", str(tmp_path / "b"),
+                                  "-o", "levels"])
+    assert r.exit_code == 2 and "KEY=VALUE" in r.output
+    out = tmp_path / "levels"
+    r = CliRunner().invoke(main, ["train", str(tiny_dataset), "--out", str(out), "--input-size", "64",
+                                  "--epochs", "1", "-o", "levels=[8,16]", "-o", "momentum=0.8"])
+    assert r.exit_code == 0, r.output
+    import json
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method_config"]["levels"] == [8, 16]
+    assert manifest["provenance"]["training"]["options"]["momentum"] == 0.8
