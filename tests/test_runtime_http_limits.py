@@ -14,6 +14,7 @@ import pytest
 
 from edgestad.runtime.http import DEFAULT_BACKLOG, DEFAULT_READ_TIMEOUT_S, OverlayFeed, RuntimeHttpServer
 from edgestad.runtime.results import Thresholds
+from helpers import wait_for as _wait_for  # noqa: E402
 
 SNAP = {"source": "camera 0", "backend": "onnxruntime:CPUExecutionProvider", "frames_processed": 3,
         "frames_captured": 3, "frames_dropped": 0, "frames_bad": 0, "ng_count": 1, "reconnects": 0,
@@ -29,12 +30,7 @@ def connection_threads() -> int:
 
 
 def wait_for(pred, timeout=10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
+    return _wait_for(pred, timeout)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from edgestad.runtime.results import Thresholds
 from edgestad.runtime.sources import SourceSpec
 from test_runtime_http import SlowCamera
 from test_runtime_toy import make_toy_bundle
+from helpers import free_port  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -33,12 +34,6 @@ pytestmark = pytest.mark.skipif(
     reason="headless Chromium test needs the chromium and chromedriver binaries "
            "(Debian: chromium, chromium-driver; bash scripts/install_services.sh installs them)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class WebDriver:

@@ -24,21 +24,7 @@ pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto binary not 
 mqtt = pytest.importorskip("paho.mqtt.client", reason="paho-mqtt not installed (pip install -e '.[dev]')")
 
 from edgestad.runtime.sinks import MqttSink  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred, timeout=20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
+from helpers import free_port, wait_for  # noqa: E402
 
 
 class Broker:

@@ -45,6 +45,14 @@ def level_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2).sum(1, keepdim=True)
 
 
+def level_parts(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"s4": map, ...}: each level's map upsampled to the input (what evaluate reports per part);
+    for any model with ``config.levels`` and ``level_maps(x)``."""
+    size = x.shape[-2:]
+    return {f"s{stride}": F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            for stride, m in zip(model.config.levels, model.level_maps(x))}
+
+
 class STFPM(AnomalyModel):
     def __init__(self, config: STFPMConfig):
         super().__init__()
@@ -85,9 +93,7 @@ class STFPMMethod(Method):
         return STFPM(config)
 
     def parts(self, model: STFPM, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        size = x.shape[-2:]
-        return {f"s{stride}": F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                for stride, m in zip(model.config.levels, model.level_maps(x))}
+        return level_parts(model, x)
 
     def fit(self, model: STFPM, images: np.ndarray, ctx: FitContext) -> list[dict]:
         return fit_student(model, images, ctx)

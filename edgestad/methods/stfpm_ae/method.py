@@ -45,7 +45,7 @@ from ..base import (ConfigMixin, EpochLoop, FitContext, Method, MethodConfigErro
                     timed_entry)
 from ..common.backbones import FeaturePyramid, recompute_batchnorm_statistics
 from ..common.scoring import AnomalyModel, parse_image_score
-from ..stfpm.method import level_distance, load_pretrained_teacher
+from ..stfpm.method import level_distance, level_parts, load_pretrained_teacher
 
 POOLINGS = 3
 ALPHA = 1e-7
@@ -167,9 +167,7 @@ class STFPMAEMethod(Method):
         return STFPMAE(config)
 
     def parts(self, model: STFPMAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        size = x.shape[-2:]
-        return {f"s{stride}": F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                for stride, m in zip(model.config.levels, model.level_maps(x))}
+        return level_parts(model, x)
 
     def fit(self, model: STFPMAE, images: np.ndarray, ctx: FitContext) -> list[dict]:
         from tqdm.auto import tqdm
