@@ -28,7 +28,6 @@ def torch_maps(bundle, images: np.ndarray, boxes: np.ndarray | None, device: str
     are the method's named partial maps (per level / scale), scored by the same image-score rule."""
     import torch
     from edgestad.methods import get_method, load_model
-    from edgestad.methods.common.scoring import image_score
 
     model = load_model(bundle, device)
     method = get_method(bundle.manifest["method"])

@@ -208,7 +208,6 @@ def change_thresholds(bundle_path, *, pixel_fpr: float | None = None,
     """Change the bundle's thresholds in place (see the module docstring); returns the history
     entry. The bundle must verify (files and decision digest) before anything is changed."""
     bundle = _directory_bundle(bundle_path, check_decisions=True)
-    manifest = bundle.manifest
     old = bundle.thresholds
     new, rules = new_thresholds(old, pixel_fpr=pixel_fpr, image_false_reject=image_false_reject,
                                 pixel=pixel, image=image)

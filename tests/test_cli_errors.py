@@ -4,8 +4,6 @@ destroys a finished bundle, says where it resumes from, and says how to resume w
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -341,7 +341,7 @@ def test_sign_and_run_with_a_trusted_key(tmp_path):
     assert _run(bundle, folder, "--trusted-key", str(public)).exit_code == 0
     # the trusted_key config key does the same
     config = tmp_path / "edgestad.toml"
-    config.write_text(f'bundle = "b"\nfolder = "frames"\nmax_reconnects = 0\ntrusted_key = "keys/edgestad-signing.pub"\n')
+    config.write_text('bundle = "b"\nfolder = "frames"\nmax_reconnects = 0\ntrusted_key = "keys/edgestad-signing.pub"\n')
     assert _run(bundle, folder, config=config).exit_code == 0
 
     # signed by another key

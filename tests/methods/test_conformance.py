@@ -85,7 +85,6 @@ def test_train_export_parity_runtime_evaluate(name, tiny_dataset, tiny_teachers,
     from edgestad.runtime.backends import OnnxRuntimeBackend
     from edgestad.train.fit import train_bundle
 
-    method = get_method(name)
     config, options = tiny_config(name, tiny_teachers)
     settings = TrainSettings(epochs=1, batch_size=4, options=options)
     bundle_path = train_bundle(tiny_dataset, tmp_path / "bundle", name, config, settings,
