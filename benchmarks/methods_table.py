@@ -30,10 +30,15 @@ def main() -> None:
                 m["gflop_per_frame"], ort.get(1, {}).get("latency_ms", {}).get("p50"),
                 ort.get(8, {}).get("throughput_fps"))
     print("| method | category | epochs | AU-PRO | pixel AUROC | image AUROC | defective NG | good NG "
-          "| train (2 cores) | GFLOP/frame | ORT b1 ms | ORT b8 fps | Δ AU-PRO fp16 / int8 | published |")
+          "| train wall time | GFLOP/frame | ORT b1 ms | ORT b8 fps | Δ AU-PRO fp16 / int8 | published |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    notes = []
     for path in sorted((RESULTS / "methods").glob("*.json")):
         r = json.loads(path.read_text())
+        mark = ""
+        if r["steps"]["train"].get("note"):
+            notes.append(r["steps"]["train"]["note"])
+            mark = "*" * len(notes)
         m = r["metrics"]
         d = m["decisions_at_bundle_threshold"]
         ex = r.get("export") or {}
@@ -44,11 +49,13 @@ def main() -> None:
         print(f"| {r['method']} | {r['category']} | {r['bundle']['training']['epochs']} | "
               f"{m['au_pro']:.3f} | {m['pixel_auroc']:.3f} | {m['image_auroc']:.3f} | "
               f"{d['defective_ng']}/{d['defective_total']} | {d['good_ng']}/{d['good_total']} | "
-              f"{r['steps']['train']['seconds'] / 60:.1f} min | {fmt(g, '.2f')} | {fmt(b1, '.0f')} | "
+              f"{r['steps']['train']['seconds'] / 60:.1f} min{mark} | {fmt(g, '.2f')} | {fmt(b1, '.0f')} | "
               f"{fmt(b8, '.1f')} | {delta} | {PUBLISHED.get((r['method'], r['category']), '—')} |")
     if "efficientad-s" in cost:
         g, b1, b8 = cost["efficientad-s"]
         print(f"| EfficientAD-S (peer, timed only) | — | — | — | — | — | — | — | — | {g:.2f} | {b1:.0f} | {b8:.1f} | — | — |")
+    for i, note in enumerate(notes, 1):
+        print(f"\n{'*' * i} {note}")
 
 
 if __name__ == "__main__":
