@@ -45,6 +45,15 @@ def level_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2).sum(1, keepdim=True)
 
 
+def product_of_upsampled(level_maps: list[torch.Tensor], size) -> torch.Tensor:
+    """STFPM's anomaly map: the per-level maps upsampled bilinearly to ``size``, multiplied."""
+    amap = None
+    for level in level_maps:
+        up = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+        amap = up if amap is None else amap * up
+    return amap
+
+
 def level_parts(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """{"s4": map, ...}: each level's map upsampled to the input (what evaluate reports per part);
     for any model with ``config.levels`` and ``level_maps(x)``."""
@@ -71,12 +80,7 @@ class STFPM(AnomalyModel):
         return [level_distance(t, s) for t, s in zip(self.teacher(x), self.student(x))]
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        amap = None
-        for level in self.level_maps(x):
-            up = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
-            amap = up if amap is None else amap * up
-        return amap
+        return product_of_upsampled(self.level_maps(x), x.shape[-2:])
 
 
 @register

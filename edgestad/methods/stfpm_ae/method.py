@@ -45,7 +45,8 @@ from ..base import (ConfigMixin, EpochLoop, FitContext, Method, MethodConfigErro
                     timed_entry)
 from ..common.backbones import FeaturePyramid, recompute_batchnorm_statistics
 from ..common.scoring import AnomalyModel, parse_image_score
-from ..stfpm.method import level_distance, level_parts, load_pretrained_teacher
+from ..stfpm.method import (level_distance, level_parts, load_pretrained_teacher,
+                            product_of_upsampled)
 
 POOLINGS = 3
 ALPHA = 1e-7
@@ -128,12 +129,7 @@ class STFPMAE(AnomalyModel):
         return [level_distance(ti, ri) for ti, ri in zip(t, r)]
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        amap = None
-        for level in self.level_maps(x):
-            up = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
-            amap = up if amap is None else amap * up
-        return amap
+        return product_of_upsampled(self.level_maps(x), x.shape[-2:])
 
 
 def joint_loss(t, s, r, alpha: float = ALPHA) -> tuple[torch.Tensor, torch.Tensor]:
