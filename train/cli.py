@@ -187,6 +187,8 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
             if value:
                 _usage(option, f"applies to --method uninformed_students only, not {name}")
         if num_students is not None:
+            if "num_students" not in m.config_cls.__dataclass_fields__:
+                _usage("--students", f"not a setting of method {name}")
             values["num_students"] = num_students
     if backbone_weights:
         options["backbone_weights"] = backbone_weights
