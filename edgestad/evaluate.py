@@ -245,10 +245,14 @@ def save_overlays(images, maps, masks, labels, defect_types, paths, out_dir: Pat
               show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Which exported graph --backend onnx runs.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device for --backend torch: cpu, cuda, or auto (CUDA when available).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 def evaluate_command(bundle, data, out_dir, backend, precision, device, batch_size):
     """Evaluate BUNDLE on the MVTec-layout category DATA."""
+    if backend == "torch":
+        from edgestad.train.cli import _device
+        device = _device(device)
     out_dir = out_dir or bundle.parent / f"{bundle.name}_eval"
     report = evaluate_bundle(bundle, data, out_dir, backend, precision, device, batch_size)
     click.echo(f"model: {report['model']}; image score: {report['image_score_rule']}; "

@@ -37,6 +37,10 @@ def _atomic(path: Path, write):
         os.close(dir_fd)
 
 
+class CheckpointMismatch(ValueError):
+    """The resume checkpoint in --out's .partial folder belongs to another configuration."""
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     _atomic(path, lambda tmp: torch.save(state, tmp))
 
@@ -50,7 +54,7 @@ def load_checkpoint(path: Path, expect: dict | None = None) -> dict:
                            f"over") from exc
     for key, value in (expect or {}).items():
         if state.get(key) != value:
-            raise RuntimeError(f"{path}: the checkpoint was written with a different {key} "
+            raise CheckpointMismatch(f"{path}: the checkpoint was written with a different {key} "
                                f"({state.get(key)!r} vs {value!r}); use another output folder "
                                f"or delete it to start over")
     return state

@@ -89,7 +89,7 @@ def _usage(option: str, message: str):
               help="Method (see `edgestad methods`); default: stfpm.")
 @click.option("--backbone", default=None,
               help="Pretrained CNN: efficientnet-lite0 (offline, default) or resnet18 / resnet50 "
-              "with --backbone-weights FILE (stfpm, resnet_students).")
+              "with --backbone-weights FILE (stfpm, stfpm_ae, rstpm, resnet_students).")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
               help="Local weights file of the backbone (torchvision .pth or .safetensors).")
 @click.option("--epochs", type=int, default=None, help="Default: the method's.")
@@ -138,10 +138,13 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
     \b
     stfpm (default): pretrained CNN teacher, same-architecture student (Wang et al., 2021)
     resnet_students: ResNet-18-layer teacher, three small CNN students
+    stfpm_ae: STFPM with per-level U-Net auto-encoders
+    rstpm: two student-teacher pairs + a discriminative U-Net (Yamada et al., 2022)
     uninformed_students: patch-descriptor teacher, M students, e + v (Bergmann et al., 2020)
     """
     from edgestad.methods import DEFAULT_METHOD, get_method
     from edgestad.methods.base import MethodConfigError, TrainSettings
+    from .checkpoint import CheckpointMismatch
     from .fit import TrainError, train_bundle
 
     us_only = {"--preset": preset, "-p": patch_sizes, "--dense-stride": dense_stride,
@@ -191,6 +194,8 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
                 _usage("--students", f"not a setting of method {name}")
             values["num_students"] = num_students
     if backbone_weights:
+        if "backbone_weights" not in m.option_names:
+            _usage("--backbone-weights", f"not an option of method {name}")
         options["backbone_weights"] = backbone_weights
     fields = set(m.config_cls.__dataclass_fields__)
     for item in extra:
@@ -222,7 +227,7 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
     try:
         path = train_bundle(data, bundle, name, config, settings, device=_device(device), force=force,
                             echo=click.echo)
-    except TrainError as exc:
+    except (TrainError, CheckpointMismatch) as exc:
         raise click.UsageError(str(exc)) from None
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted. {_resume_hint(bundle)}", err=True)

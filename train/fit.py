@@ -35,6 +35,30 @@ class TrainError(ValueError):
     """A training request that cannot be carried out; the message names the option or file."""
 
 
+def _check_same_run(settings_file: Path, checkpoint: Path, data: Path, method: str,
+                    epochs_free: dict) -> None:
+    """Resume only the run that wrote the checkpoint: same data, method and training settings
+    (the epoch count may grow). Anything else is refused, naming the option."""
+    if not (checkpoint.exists() and settings_file.is_file()):
+        return
+    try:
+        old = json.loads(settings_file.read_text())
+    except ValueError:
+        return
+    if old.get("data") != str(data):
+        raise TrainError(f"DATA: {checkpoint} belongs to a run on {old.get('data')}, not {data}; "
+                         f"use another --out or delete {checkpoint.parent} to start over")
+    if old.get("method") != method:
+        raise TrainError(f"--method: {checkpoint} belongs to a {old.get('method')} run; use another "
+                         f"--out or delete {checkpoint.parent} to start over")
+    previous = old.get("settings") or {}
+    for key, value in epochs_free.items():
+        if key in previous and previous[key] != value:
+            raise TrainError(f"--{key.replace('_', '-')}: {checkpoint} was trained with "
+                             f"{previous[key]!r}, not {value!r}; use the same value to resume, "
+                             f"another --out, or delete {checkpoint.parent} to start over")
+
+
 def partial_dir(bundle_path: Path) -> Path:
     return bundle_path.parent / f".{bundle_path.name}.partial"
 
@@ -88,6 +112,9 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
     if checkpoint.exists():
         echo(resume_line(checkpoint, epochs))
     work.mkdir(parents=True, exist_ok=True)
+    _check_same_run(work / "settings.json", checkpoint, data, method.name, epochs_free={
+        "batch_size": batch_size, "lr": lr, "seed": settings.seed,
+        "val_fraction": settings.val_fraction})
     (work / "settings.json").write_text(json.dumps(
         {"data": str(data), "method": method.name, "config": config.to_dict(),
          "settings": {**settings.__dict__, "epochs": epochs, "batch_size": batch_size, "lr": lr}},

@@ -108,3 +108,22 @@ def test_method_settings_and_options_without_their_own_flag(tiny_dataset, tmp_pa
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method_config"]["levels"] == [8, 16]
     assert manifest["provenance"]["training"]["options"]["momentum"] == 0.8
+
+
+def test_resume_refuses_other_settings_and_foreign_options(tiny_dataset, tmp_path):
+    out = tmp_path / "b"
+    partial = tmp_path / ".b.partial"
+    partial.mkdir()
+    (partial / "checkpoint.pt").write_bytes(b"not read: settings are compared first")
+    import json
+    (partial / "settings.json").write_text(json.dumps(
+        {"data": str(tiny_dataset), "method": "stfpm",
+         "settings": {"batch_size": 16, "lr": 0.4, "seed": 0, "val_fraction": 0.1}}))
+    r = CliRunner().invoke(main, ["train", str(tiny_dataset), "--out", str(out), "--lr", "0.1"])
+    assert r.exit_code == 2 and "--lr" in r.output and "0.4" in r.output
+    r = CliRunner().invoke(main, ["train", str(tiny_dataset / "train" / "good"), "--out", str(out)])
+    assert r.exit_code == 2 and "DATA" in r.output
+    r = CliRunner().invoke(main, ["train", str(tiny_dataset), "--out", str(tmp_path / "c"),
+                                  "--method", "uninformed_students", "--backbone-weights",
+                                  str(partial / "checkpoint.pt")])
+    assert r.exit_code == 2 and "--backbone-weights" in r.output

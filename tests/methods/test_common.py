@@ -136,3 +136,12 @@ def test_image_threshold_is_a_false_reject_target_on_a_normal_fit():
     assert t["image"] == pytest.approx(mu + 2.3263478740 * sd)
     assert t["image"] < 50.0                   # does not sit on the single largest value
     assert fit_thresholds(maps, scores, 0.001, 0.0)["image"] == 50.0
+
+
+def test_topk_score_on_letterbox_never_averages_padding():
+    model = _Identity("topk:0.5")                 # k = 32 of 64 pixels
+    box = torch.tensor([[0.0, 0.0, 2.0, 2.0]])    # only 4 valid pixels
+    amap = torch.full((1, 1, 8, 8), 5.0)
+    amap[0, 0, :2, :2] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    _, score = model.finish(amap, box)
+    assert float(score) == pytest.approx(2.5)     # the mean of the 4 image pixels

@@ -54,7 +54,13 @@ def image_score(amap: torch.Tensor, rule: str, valid: torch.Tensor | None = None
     flat = masked.reshape(n, h * w)
     if kind == "max":
         return flat.amax(dim=1)
-    return torch.topk(flat, topk_count(fraction, h, w), dim=1).values.mean(dim=1)
+    top = torch.topk(flat, topk_count(fraction, h, w), dim=1).values
+    if valid is None:
+        return top.mean(dim=1)
+    # Letterbox: average only the top values that are image pixels (an image with fewer valid
+    # pixels than k must not average padding in).
+    real = top > -_BIG
+    return torch.where(real, top, torch.zeros_like(top)).sum(dim=1) / real.sum(dim=1).clamp_min(1)
 
 
 class AnomalyModel(nn.Module):
