@@ -43,10 +43,9 @@ import torch.nn.functional as F
 from .. import register
 from ..base import (ConfigMixin, EpochLoop, FitContext, Method, MethodConfigError, batches_of, nchw,
                     timed_entry)
-from ..common.backbones import FeaturePyramid, recompute_batchnorm_statistics
-from ..common.scoring import AnomalyModel, parse_image_score
-from ..stfpm.method import (level_distance, level_parts, load_pretrained_teacher,
-                            product_of_upsampled)
+from ..common.backbones import recompute_batchnorm_statistics
+from ..common.scoring import parse_image_score
+from ..stfpm.method import STFPM, level_distance, level_parts, load_pretrained_teacher
 
 POOLINGS = 3
 ALPHA = 1e-7
@@ -103,20 +102,13 @@ class FeatureUNet(nn.Module):
         return x
 
 
-class STFPMAE(AnomalyModel):
-    def __init__(self, config: STFPMAEConfig):
-        super().__init__()
-        self.config = config
-        self.teacher = FeaturePyramid(config.backbone, tuple(config.levels))
-        self.student = FeaturePyramid(config.backbone, tuple(config.levels))
-        self.autoencoders = nn.ModuleList(FeatureUNet(f.channels) for f in self.student.feature_info)
-        self.init_input(self.teacher.mean, self.teacher.std)
-        self.teacher.requires_grad_(False)
+class STFPMAE(STFPM):
+    """STFPM's teacher and student (frozen-teacher training mode and the map's product included)
+    with an auto-encoder after each student level; ``level_maps`` compares the reconstructions."""
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
+    def __init__(self, config: STFPMAEConfig):
+        super().__init__(config)
+        self.autoencoders = nn.ModuleList(FeatureUNet(f.channels) for f in self.student.feature_info)
 
     def reconstructions(self, x: torch.Tensor):
         """(teacher features, student features, reconstructed student features) per level."""
@@ -128,8 +120,6 @@ class STFPMAE(AnomalyModel):
         t, _, r = self.reconstructions(x)
         return [level_distance(ti, ri) for ti, ri in zip(t, r)]
 
-    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        return product_of_upsampled(self.level_maps(x), x.shape[-2:])
 
 
 def joint_loss(t, s, r, alpha: float = ALPHA) -> tuple[torch.Tensor, torch.Tensor]:
