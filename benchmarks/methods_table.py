@@ -29,9 +29,9 @@ def main() -> None:
             cost[m["method"] if m["method"] != "peer" else m["name"]] = (
                 m["gflop_per_frame"], ort.get(1, {}).get("latency_ms", {}).get("p50"),
                 ort.get(8, {}).get("throughput_fps"))
-    print("| method | category | epochs | AU-PRO | pixel AUROC | image AUROC | defective NG | good NG "
+    print("| method | category | epochs | map σ | AU-PRO | pixel AUROC | image AUROC | defective NG | good NG "
           "| train wall time | GFLOP/frame | ORT b1 ms | ORT b8 fps | Δ AU-PRO fp16 / int8 | published |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     notes = []
     for path in sorted((RESULTS / "methods").glob("*.json")):
         r = json.loads(path.read_text())
@@ -46,14 +46,19 @@ def main() -> None:
                            for p in ("fp16", "int8")) if ex else "—"
         g, b1, b8 = cost.get(r["method"], (None, None, None))
         fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
-        print(f"| {r['method']} | {r['category']} | {r['bundle']['training']['epochs']} | "
+        training = r["bundle"]["training"]
+        epochs = str(training["epochs"])
+        if r["method"] == "rstpm":              # pair epochs + discriminator epochs
+            epochs += f"+{(training.get('options') or {}).get('disc_epochs', 3)}"
+        sigma = r["bundle"]["method_config"].get("map_sigma", 0)   # absent: before map smoothing
+        print(f"| {r['method']} | {r['category']} | {epochs} | {sigma:g} | "
               f"{m['au_pro']:.3f} | {m['pixel_auroc']:.3f} | {m['image_auroc']:.3f} | "
               f"{d['defective_ng']}/{d['defective_total']} | {d['good_ng']}/{d['good_total']} | "
               f"{r['steps']['train']['seconds'] / 60:.1f} min{mark} | {fmt(g, '.2f')} | {fmt(b1, '.0f')} | "
               f"{fmt(b8, '.1f')} | {delta} | {PUBLISHED.get((r['method'], r['category']), '—')} |")
     if "efficientad-s" in cost:
         g, b1, b8 = cost["efficientad-s"]
-        print(f"| EfficientAD-S (peer, timed only) | — | — | — | — | — | — | — | — | {g:.2f} | {b1:.0f} | {b8:.1f} | — | — |")
+        print(f"| EfficientAD-S (peer, timed only) | — | — | — | — | — | — | — | — | — | {g:.2f} | {b1:.0f} | {b8:.1f} | — | — |")
     for i, note in enumerate(notes, 1):
         print(f"\n{'*' * i} {note}")
 

@@ -12,8 +12,12 @@ of each network stays float32: the crop of the descriptor map, descriptor normal
 differences summed over d = 128 channels, where fp16 rounding and the e cancellation matter most),
 their normalisation by validation statistics, the multi-scale average, the upsampling and the image
 max. These are cheap element-wise ops next to the convolutions, so fp32 costs little.
+Nodes a method declares fp32 (``Method.fp32_modules``, stored in the graph's metadata) stay fp32,
+and a declared-fp32 Conv (the map smoothing, RSTPM's discriminator input block) does not pull the
+nodes feeding it into fp16.
 
-INT8 rule: explicit Q/DQ (QDQ format, onnxruntime's quantizer) on the *inputs* of every Conv only:
+INT8 rule: explicit Q/DQ (QDQ format, onnxruntime's quantizer) on the *inputs* of every Conv the
+method did not declare fp32 only:
 symmetric int8 activations (per tensor) and symmetric int8 weights (per output channel), zero points
 0, bias left float (TensorRT folds it), conv outputs *not* quantized. So every convolution runs
 int8 x int8 with float output, while the descriptors that leave the last conv of each network, and
@@ -38,9 +42,9 @@ from onnx import TensorProto, helper, numpy_helper
 from .graph import INPUT_NAME, GraphError, finalize, producers, tensor_types
 
 FP16_RULE = ("fp16: every node that is a Conv or feeds one, except the shared input normalisation; "
-             "fp32: input normalisation and everything after the last Conv of each network "
-             "(crop, descriptor normalisation, e, v, score normalisation, fusion, upsampling, max)")
-INT8_RULE = ("int8: Q/DQ on the inputs of every Conv (symmetric int8 activations per tensor, "
+             "fp32: input normalisation, the nodes the method declares fp32, and everything after "
+             "the last other Conv of each network (crop, descriptor normalisation, e, v, score normalisation, fusion, upsampling, max)")
+INT8_RULE = ("int8: Q/DQ on the inputs of every Conv not declared fp32 (symmetric int8 activations per tensor, "
              "symmetric int8 weights per output channel, zero point 0, float bias, conv outputs not "
              "quantized); everything else float32 as in the fp32 graph")
 
@@ -93,7 +97,8 @@ def fp16_split(model: onnx.ModelProto) -> Fp16Split:
     nodes the method declared fp32."""
     nodes = list(model.graph.node)
     forced = forced_fp32_nodes(model)
-    convs = [n for n in nodes if n.op_type == "Conv"]
+    # Convs the method declared fp32 (e.g. the map smoothing) do not pull their inputs into fp16.
+    convs = [n for n in nodes if n.op_type == "Conv" and n.name not in forced]
     if not convs:
         raise GraphError("fp16 conversion: the graph has no Conv node, so the fp16 region is empty")
     produced_by = producers(model)

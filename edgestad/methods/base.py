@@ -25,7 +25,7 @@ import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -38,7 +38,14 @@ class MethodConfigError(ValueError):
 
 
 class ConfigMixin:
-    """to_dict / from_dict for the config dataclasses (tuples stored as JSON lists)."""
+    """to_dict / from_dict for the config dataclasses (tuples stored as JSON lists).
+
+    ``STORED_DEFAULTS``: values for settings added after bundles were written without them, so an
+    older bundle loads with the behaviour it was calibrated with (e.g. ``map_sigma`` 0 = no map
+    smoothing), not the new default.
+    """
+
+    STORED_DEFAULTS: ClassVar[dict] = {}
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -49,6 +56,7 @@ class ConfigMixin:
         unknown = set(values) - known
         if unknown:
             raise MethodConfigError(f"unknown method_config keys for {cls.__name__}: {sorted(unknown)}")
+        values = {**cls.STORED_DEFAULTS, **values}
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
     def replace(self, **changes):
@@ -115,7 +123,9 @@ class Method:
         return {}
 
     def fp32_modules(self, config) -> tuple[str, ...]:
-        return ()
+        """Module paths kept float32 in the fp16 / int8 graphs. Default: the map smoothing (its
+        input is the anomaly map, whose small values fp16 / int8 would flatten)."""
+        return ("map_smoothing",) if getattr(config, "map_sigma", 0) else ()
 
     def backbone_of(self, config) -> str:
         return getattr(config, "backbone", self.default_backbone)

@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch")
 from edgestad.data import fit_image, letterbox_geometry, letterbox_image, map_to_eval_grid  # noqa: E402
 from edgestad.methods.common.backbones import (BackboneError, FeaturePyramid,  # noqa: E402
                                                describe_weights, load_state_dict_file)
-from edgestad.methods.common.scoring import AnomalyModel, image_score, parse_image_score  # noqa: E402
+from edgestad.methods.common.scoring import (AnomalyModel, MapSmoothing, check_map_sigma,  # noqa: E402
+                                             image_score, parse_image_score)
 from edgestad.train.calibrate import fit_thresholds  # noqa: E402
 
 
@@ -82,10 +83,11 @@ def test_letterbox_keeps_the_aspect_ratio_and_centres():
 
 class _Identity(AnomalyModel):
     """A model whose map is a hand-made tensor, to test masking and the score rules."""
-    def __init__(self, rule, size=(8, 8)):
+    def __init__(self, rule, size=(8, 8), map_sigma=0.0):
         super().__init__()
         from types import SimpleNamespace
-        self.config = SimpleNamespace(input_size=size, image_score=rule, resize="letterbox")
+        self.config = SimpleNamespace(input_size=size, image_score=rule, resize="letterbox",
+                                      map_sigma=map_sigma)
         self.init_input((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
@@ -145,3 +147,48 @@ def test_topk_score_on_letterbox_never_averages_padding():
     amap[0, 0, :2, :2] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     _, score = model.finish(amap, box)
     assert float(score) == pytest.approx(2.5)     # the mean of the 4 image pixels
+
+
+def test_map_smoothing_is_a_gaussian_blur_over_the_valid_pixels():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    smooth = MapSmoothing(2.0)
+    amap = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    out = smooth(amap)
+    # away from the borders it is scipy's Gaussian filter (σ = 2, truncated at 4σ)
+    ref = np.stack([ndimage.gaussian_filter(m[0].double().numpy(), 2.0) for m in amap])
+    assert np.abs(out[:, 0, 9:-9, 9:-9].numpy() - ref[:, 9:-9, 9:-9]).max() < 1e-5
+    # normalised: a constant map stays constant up to the borders (no darkened edges)
+    assert torch.allclose(smooth(torch.full((1, 1, 20, 20), 3.0)), torch.full((1, 1, 20, 20), 3.0))
+    # whatever the padding holds never reaches an image pixel
+    valid = torch.zeros(1, 1, 48, 48, dtype=torch.bool)
+    valid[..., 10:30, :] = True
+    hot = amap[:1].clone()
+    hot[~valid] = 1000.0
+    assert torch.equal(smooth(amap[:1], valid)[valid], smooth(hot, valid)[valid])
+
+
+def test_finish_smooths_before_masking_and_scoring():
+    plain, smoothed = _Identity("max"), _Identity("max", size=(24, 24), map_sigma=1.0)
+    assert plain.map_smoothing is None
+    amap = torch.zeros(1, 1, 24, 24)
+    amap[0, 0, 12, 12] = 1.0                      # one hot pixel: the blur spreads and lowers it
+    box = torch.tensor([[4.0, 0.0, 20.0, 24.0]])
+    out, score = smoothed.finish(amap, box)
+    assert float(score) == pytest.approx(float(MapSmoothing(1.0)(amap).max()), rel=1e-5)
+    assert 0 < float(score) < 1
+    valid = smoothed.valid_mask(box)
+    assert torch.all(out[~valid] == out[valid].min())
+
+
+def test_map_sigma_is_checked_and_older_bundles_load_without_smoothing():
+    from edgestad.methods import get_method
+    for bad in (-1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="map_sigma"):
+            check_map_sigma(bad, (256, 256))
+    with pytest.raises(ValueError, match="map_sigma"):
+        check_map_sigma(8.0, (32, 32))            # a 65-pixel kernel on a 32-pixel input
+    config_cls = get_method("stfpm").config_cls
+    assert config_cls().map_sigma == 2.0
+    stored = config_cls().to_dict()
+    del stored["map_sigma"]                        # a bundle written before map smoothing existed
+    assert config_cls.from_dict(stored).map_sigma == 0.0

@@ -31,6 +31,35 @@ def test_map_is_the_product_of_upsampled_level_maps():
     assert list(parts) == ["s4", "s8", "s16"]
 
 
+def test_fp16_and_int8_graphs_keep_the_map_smoothing_and_its_input_fp32():
+    """The smoothing convs are declared fp32; the product map feeding them stays fp32 in the fp16
+    graph and is not quantized in the int8 graph."""
+    from edgestad.export.graph import producers
+    from edgestad.export.onnx_export import export_fp32
+    from edgestad.export.precision import forced_fp32_nodes, fp16_split, to_int8
+    method = get_method("stfpm")
+    config = method.make_config(input_size=(64, 64))
+    assert method.fp32_modules(config) == ("map_smoothing",)
+    assert method.fp32_modules(config.replace(map_sigma=0.0)) == ()
+    proto = export_fp32(method.build(config).eval(), (64, 64), fp32_modules=method.fp32_modules(config))
+    forced = forced_fp32_nodes(proto)
+    smoothing = [n for n in proto.graph.node if n.op_type == "Conv" and n.name in forced]
+    assert len(smoothing) == 2                          # the separable Gaussian
+    produced_by = producers(proto)
+    first = next(n for n in smoothing if produced_by[n.input[0]].op_type == "Concat")
+    product = produced_by[produced_by[first.input[0]].input[0]]       # map·valid
+    while product.op_type != "Mul" or produced_by[product.input[0]].op_type != "Resize":
+        product = produced_by[product.input[0]]
+    fp32 = set(fp16_split(proto).fp32_nodes)
+    assert {n.name for n in smoothing} <= fp32 and product.name in fp32
+    calibration = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    quantized, _ = to_int8(proto, calibration)
+    q_produced_by = producers(quantized)
+    for conv in smoothing:
+        q_conv = next(n for n in quantized.graph.node if n.name == conv.name)
+        assert q_produced_by[q_conv.input[0]].op_type != "DequantizeLinear"
+
+
 def test_student_batchnorm_statistics_are_recomputed_over_the_training_images(tiny_dataset, tmp_path):
     """After fit, every student BN layer's running mean equals the exact mean of its inputs over
     the training images (not the exponential average of the training run)."""
@@ -61,12 +90,14 @@ def test_student_batchnorm_statistics_are_recomputed_over_the_training_images(ti
 def test_resnet_students_normalisations():
     method = get_method("resnet_students")
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
-    per_image = method.build(method.make_config(input_size=(64, 64), normalization="per_image")).eval()
+    # (map_sigma=0: the study's own map, unsmoothed)
+    per_image = method.build(method.make_config(input_size=(64, 64), normalization="per_image",
+                                                map_sigma=0.0)).eval()
     with torch.no_grad():
         amap, score = per_image(images)
     # the study's per-image min-max: every image's maximum is 1, so the image score is constant
     assert torch.allclose(score, torch.ones(3))
-    validation = method.build(method.make_config(input_size=(64, 64))).eval()
+    validation = method.build(method.make_config(input_size=(64, 64), map_sigma=0.0)).eval()
     stats = method.calibrate(validation, images, None, "cpu")
     with torch.no_grad():
         amap, _ = validation(images)

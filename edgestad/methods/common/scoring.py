@@ -10,13 +10,24 @@ Image-score rules (``image_score`` in each method's config):
 - ``topk:F``: the mean of the top F·H·W map values (e.g. ``topk:0.01`` = top 1 %), less
   sensitive to a single hot pixel. k is capped at 3840, TensorRT's TopK limit.
 Both are computed over the valid (non-padding) pixels only.
+
+Map smoothing (``map_sigma`` in a method's config, pixels of the model input; 0 = off): a
+Gaussian blur of the anomaly map before the score, as PatchCore and PaDiM do (σ = 4 px for their
+stride-8 features). It is a normalised convolution, blur(map·valid) / blur(valid), so padding
+never leaks into the image's pixels and the borders are not darkened, and it is two separable
+fixed-weight depthwise convolutions in the graph (module ``map_smoothing``, declared float32 for
+the fp16 / int8 graphs by ``Method.fp32_modules``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 TRT_TOPK_LIMIT = 3840
+MAP_SIGMA = 2.0     # default map smoothing of the pretrained-feature methods, pixels
 _BIG = 3.0e38
 
 
@@ -63,6 +74,43 @@ def image_score(amap: torch.Tensor, rule: str, valid: torch.Tensor | None = None
     return torch.where(real, top, torch.zeros_like(top)).sum(dim=1) / real.sum(dim=1).clamp_min(1)
 
 
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian, radius ⌈4σ⌉ (scipy.ndimage's default truncation)."""
+    radius = max(1, math.ceil(4.0 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def check_map_sigma(sigma: float, input_size) -> None:
+    """ValueError naming ``map_sigma`` unless 0 ≤ σ and the kernel fits the input."""
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not math.isfinite(sigma) \
+            or sigma < 0:
+        raise ValueError(f"map_sigma: must be a number >= 0 (pixels; 0 = no smoothing), got {sigma!r}")
+    if sigma > 0 and 2 * math.ceil(4.0 * sigma) + 1 > min(input_size):
+        raise ValueError(f"map_sigma: {sigma} px needs a {2 * math.ceil(4.0 * sigma) + 1}-pixel kernel, "
+                         f"larger than the input {tuple(input_size)}")
+
+
+class MapSmoothing(nn.Module):
+    """Gaussian smoothing of an N×1×H×W map over its valid pixels (normalised convolution)."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        k = gaussian_kernel1d(sigma)
+        self.radius = (len(k) - 1) // 2
+        # Two channels (map·valid, valid) blurred by the same kernel: groups=2 depthwise convs.
+        self.register_buffer("kernel_x", k.view(1, 1, 1, -1).repeat(2, 1, 1, 1), persistent=False)
+        self.register_buffer("kernel_y", k.view(1, 1, -1, 1).repeat(2, 1, 1, 1), persistent=False)
+
+    def forward(self, amap: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        weight = torch.ones_like(amap) if valid is None else valid.to(amap.dtype)
+        both = torch.cat([amap * weight, weight], dim=1)
+        both = F.conv2d(both, self.kernel_x, padding=(0, self.radius), groups=2)
+        both = F.conv2d(both, self.kernel_y, padding=(self.radius, 0), groups=2)
+        return both[:, 0:1] / both[:, 1:2].clamp_min(1e-6)
+
+
 class AnomalyModel(nn.Module):
     """Base of every method's model. Subclasses set ``self.config`` (with ``input_size``,
     ``image_score``, ``resize``), call ``init_input(mean, std)`` and write ``anomaly_map``."""
@@ -78,6 +126,8 @@ class AnomalyModel(nn.Module):
                              persistent=False)
         self.register_buffer("pixel_cols", torch.arange(w, dtype=torch.float32).view(1, 1, 1, w),
                              persistent=False)
+        sigma = float(getattr(self.config, "map_sigma", 0.0) or 0.0)
+        self.map_smoothing = MapSmoothing(sigma) if sigma > 0 else None
 
     @property
     def takes_valid_box(self) -> bool:
@@ -100,10 +150,15 @@ class AnomalyModel(nn.Module):
 
     def finish(self, amap: torch.Tensor, valid_box: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask the padding (set to the image's lowest valid value) and apply the score rule."""
+        """Smooth (``map_sigma``), mask the padding (set to the image's lowest valid value) and
+        apply the score rule."""
         if valid_box is None:
+            if self.map_smoothing is not None:
+                amap = self.map_smoothing(amap)
             return amap, image_score(amap, self.config.image_score)
         valid = self.valid_mask(valid_box)
+        if self.map_smoothing is not None:
+            amap = self.map_smoothing(amap, valid)
         lowest = torch.where(valid, amap, torch.full_like(amap, _BIG)).amin(dim=(1, 2, 3), keepdim=True)
         amap = torch.where(valid, amap, lowest)
         return amap, image_score(amap, self.config.image_score, valid)

@@ -18,6 +18,7 @@ only, each mapping the image to the teacher's feature shape.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from .. import register
 from ..base import ConfigMixin, FitContext, Method, nchw, train_epochs
 from ..common.backbones import PRETRAINED, check_backbone, FeaturePyramid, describe_weights
-from ..common.scoring import AnomalyModel, parse_image_score
+from ..common.scoring import MAP_SIGMA, AnomalyModel, check_map_sigma, parse_image_score
 
 
 @dataclass
@@ -39,9 +40,13 @@ class ResNetStudentsConfig(ConfigMixin):
     input_size: tuple[int, int] = (256, 256)        # the study: 512 x 512
     image_score: str = "max"
     resize: str = "area_or_linear"
+    map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
+
+    STORED_DEFAULTS: ClassVar[dict] = {"map_sigma": 0.0}   # bundles from before map smoothing
 
     def __post_init__(self):
         parse_image_score(self.image_score)
+        check_map_sigma(self.map_sigma, self.input_size)
         check_backbone(self.backbone, (4,))
         if self.normalization not in ("validation", "per_image"):
             raise ValueError(f"normalization must be 'validation' or 'per_image', got {self.normalization!r}")

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ from ..base import (ConfigMixin, EpochLoop, FitContext, Method, MethodConfigErro
                     timed_entry)
 from ..common.backbones import (BACKBONES, PRETRAINED, FeatureInfo, FeaturePyramid,
                                 describe_weights, recompute_batchnorm_statistics)
-from ..common.scoring import AnomalyModel, parse_image_score
+from ..common.scoring import MAP_SIGMA, AnomalyModel, check_map_sigma, parse_image_score
 
 LEVELS = (4, 8, 16)
 TEACHER2_CHOICES = ("efficientnet-lite0", "resnet18", "resnet50")
@@ -88,9 +89,13 @@ class RSTPMConfig(ConfigMixin):
     input_size: tuple[int, int] = (256, 256)
     image_score: str = "max"
     resize: str = "area_or_linear"
+    map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
+
+    STORED_DEFAULTS: ClassVar[dict] = {"map_sigma": 0.0}   # bundles from before map smoothing
 
     def __post_init__(self):
         parse_image_score(self.image_score)
+        check_map_sigma(self.map_sigma, self.input_size)
         if self.teacher2 not in TEACHER2_CHOICES:
             raise MethodConfigError(f"teacher2: must be one of {', '.join(TEACHER2_CHOICES)}, "
                                     f"got {self.teacher2!r}")
@@ -340,7 +345,7 @@ class RSTPMMethod(Method):
         return RSTPM(config)
 
     def fp32_modules(self, config) -> tuple[str, ...]:
-        return ("maps", "discriminator.inc")
+        return super().fp32_modules(config) + ("maps", "discriminator.inc")
 
     def parts(self, model: RSTPM, x: torch.Tensor) -> dict[str, torch.Tensor]:
         size = tuple(x.shape[-2:])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from .. import register
 from ..base import (ConfigMixin, EpochLoop, FitContext, Method, MethodConfigError, batches_of, nchw,
                     timed_entry)
 from ..common.backbones import recompute_batchnorm_statistics
-from ..common.scoring import parse_image_score
+from ..common.scoring import MAP_SIGMA, check_map_sigma, parse_image_score
 from ..stfpm.method import STFPM, level_distance, level_parts, load_pretrained_teacher
 
 POOLINGS = 3
@@ -58,9 +59,13 @@ class STFPMAEConfig(ConfigMixin):
     input_size: tuple[int, int] = (256, 256)
     image_score: str = "max"
     resize: str = "area_or_linear"
+    map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
+
+    STORED_DEFAULTS: ClassVar[dict] = {"map_sigma": 0.0}   # bundles from before map smoothing
 
     def __post_init__(self):
         parse_image_score(self.image_score)
+        check_map_sigma(self.map_sigma, self.input_size)
 
 
 def _convs(cin: int, cout: int) -> nn.Sequential:
