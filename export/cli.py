@@ -30,6 +30,10 @@ PRECISION_CHOICES = ["fp32", "fp16", "int8", "all"]
 @click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]),
               default="minmax", show_default=True,
               help="int8 range rule (percentile/entropy keep all activations in memory).")
+@click.option("--int8-fp16-stride", type=click.Choice(["0", "2", "4", "8"]), default="4",
+              show_default=True,
+              help="int8 graph: the pretrained backbones' layers up to this stride (stem and first "
+                   "stages) are not quantized but run in fp16; 0 quantizes every convolution.")
 @click.option("--calibration-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Dataset folder with the good images (default: the bundle's "
                                  "provenance.data). Also used for parity and accuracy.")
@@ -52,7 +56,8 @@ PRECISION_CHOICES = ["fp32", "fp16", "int8", "all"]
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="ONNX Runtime threads for the parity/accuracy runs (default: all cores).")
 def export(bundle, precisions, opset, batch, max_batch, calibration_images, calibration_method,
-           calibration_data, parity_images, accuracy, workspace_mb, timing_cache, engine, form, fused, force, threads):
+           int8_fp16_stride, calibration_data, parity_images, accuracy, workspace_mb, timing_cache,
+           engine, form, fused, force, threads):
     """Export BUNDLE to ONNX graphs (model.onnx, model.fp16.onnx, model.int8.onnx) and, where
     TensorRT and a GPU are present, TensorRT engines, all added to the bundle.
 
@@ -74,7 +79,8 @@ def export(bundle, precisions, opset, batch, max_batch, calibration_images, cali
     options = ExportOptions(
         precisions=normalize_precisions(p.lower() for p in precisions), opset=opset, batch=batch,
         max_batch=max_batch, calibration_images=calibration_images,
-        calibration_method=calibration_method, calibration_data=calibration_data,
+        calibration_method=calibration_method, int8_fp16_stride=int(int8_fp16_stride),
+        calibration_data=calibration_data,
         parity_images=parity_images, accuracy=accuracy, engine=engine, workspace_mb=workspace_mb,
         timing_cache=timing_cache, form="fused" if fused else form, force=force, threads=threads)
     result = _run(bundle_path, options, export_bundle, (BundleError, ExportError))

@@ -60,6 +60,7 @@ class ExportOptions:
     threads: int | None = None        # ONNX Runtime intra-op threads for parity runs
     batch_size: int = 4               # images per ONNX Runtime / torch call in parity runs
     form: str = "default"             # a deploy form of the method (e.g. uninformed_students' "fused")
+    int8_fp16_stride: int = 4         # int8 graph: backbone layers at strides <= this stay fp16 (0: none)
 
 
 @dataclass
@@ -156,6 +157,9 @@ def _reusable(meta: dict, precision: str, bundle: Bundle, options: ExportOptions
         stored = meta.get("network_form", "default")
         stored = "default" if stored == "separate" else stored
         checks.append((stored == form, f"network form {stored} != {form}"))
+        early = json.loads(meta.get("edgestad.int8_fp16", "{}") or "{}")
+        checks.append((early.get("stride", 0) == options.int8_fp16_stride,
+                       "--int8-fp16-stride differs"))
     if precision != "fp32":
         checks.append((meta.get("source_fp32_sha256") == fp32_sha, "fp32 graph changed"))
     if precision == "int8":
@@ -251,7 +255,8 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
         fp32_modules = method.fp32_modules(method.config_cls.from_dict(manifest["method_config"]))
         models["fp32"] = export_fp32(graph_source, bundle.input_size, options.opset,
                                      valid_box=uses_valid_box(manifest["input"]),
-                                     fp32_modules=fp32_modules)
+                                     fp32_modules=fp32_modules,
+                                     int8_fp16_stride=options.int8_fp16_stride)
         details["fp32"] = {"rule": "float32 everywhere (reference graph)",
                            "network_form": _form(options)}
     fp32_model = models.get("fp32") or onnx.load_from_string(graphs["fp32"])

