@@ -1,6 +1,6 @@
 """One method on one real category, end to end, with the commands a user would type.
 
-    python benchmarks/method_run.py --method stfpm --category bottle [--epochs N] [--out runs/x]
+    python benchmarks/method_run.py --method stfpm --category bottle [--epochs N] [--out runs/x] [--from-step S]
 
 Runs, each as its own `edgestad` process (wall time and peak memory from /usr/bin/time):
 1. `edgestad train DATA --out OUT --method M [--epochs N] [extra train options]`
@@ -41,6 +41,23 @@ def timed(cmd: list[str], log: Path) -> dict:
         sys.exit(f"{shlex.join(cmd)} failed (exit {proc.returncode}); see {log}")
     return {"command": shlex.join(cmd), "seconds": round(time.time() - started, 1),
             "peak_rss_mb": round(int(rss.group(1)) / 1024, 1) if rss else None}
+
+
+def from_log(log: Path) -> dict:
+    """A finished step's record, read back from its /usr/bin/time log (``--from-step``)."""
+    text = log.read_text()
+    cmd = re.search(r'Command being timed: "(.*)"', text)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    status = re.search(r"Exit status: (\d+)", text)
+    if not (cmd and wall and status and status.group(1) == "0"):
+        sys.exit(f"{log}: not the log of a finished, successful step")
+    seconds = 0.0
+    for part in wall.group(1).split(":"):
+        seconds = seconds * 60 + float(part)
+    return {"command": cmd.group(1), "seconds": round(seconds, 1),
+            "peak_rss_mb": round(int(rss.group(1)) / 1024, 1) if rss else None,
+            "note": f"read back from {log.name} (the step ran in an earlier invocation)"}
 
 
 def rescore(bundle: Path, data: Path, rules: list[str]) -> dict:
@@ -84,6 +101,9 @@ def main() -> None:
     ap.add_argument("--train-option", action="append", default=[],
                     help="extra `edgestad train` option (repeat), e.g. --train-option=--image-score=topk:0.01")
     ap.add_argument("--no-export", action="store_true")
+    ap.add_argument("--from-step", choices=["train", "evaluate", "export"], default="train",
+                    help="skip the steps before this one: their records are read back from their "
+                         "logs in runs/logs (e.g. after an export failed)")
     args = ap.parse_args()
     edgestad = str(ROOT / ".venv" / "bin" / "edgestad")
     data = data_root() / CATEGORIES[args.category]
@@ -97,10 +117,14 @@ def main() -> None:
     if args.epochs:
         train += ["--epochs", str(args.epochs)]
     train += args.train_option
-    result["steps"]["train"] = timed(train, logs / f"{name}.train.log")
+    order = ["train", "evaluate", "export"]
+    skip = set(order[:order.index(args.from_step)])
+    result["steps"]["train"] = (from_log(logs / f"{name}.train.log") if "train" in skip
+                                else timed(train, logs / f"{name}.train.log"))
     eval_dir = Path(str(out) + "_eval")
-    result["steps"]["evaluate"] = timed([edgestad, "evaluate", str(out), str(data), "--out",
-                                         str(eval_dir)], logs / f"{name}.eval.log")
+    evaluate = [edgestad, "evaluate", str(out), str(data), "--out", str(eval_dir)]
+    result["steps"]["evaluate"] = (from_log(logs / f"{name}.eval.log") if "evaluate" in skip
+                                   else timed(evaluate, logs / f"{name}.eval.log"))
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     result["metrics"] = {k: metrics[k] for k in ("au_pro", "pixel_auroc", "image_auroc", "parts",
                                                  "decisions_at_bundle_threshold", "model",
