@@ -149,14 +149,21 @@ def onnx_conv_gflops(path: Path) -> float | None:
 # The graphs are made by edgestad.export (the same exporter, FP16 rule and INT8 Q/DQ rule that
 # `edgestad export` writes into bundles), so the bench times what would ship. Should the exporter
 # fail on a model (a peer, say), a plain torch.onnx export keeps it timeable and the report says so.
-def export_onnx(model, path: Path, input_size: tuple[int, int]) -> tuple[Path, str]:
+def export_onnx(model, path: Path, input_size: tuple[int, int], method: str | None = None,
+                method_config: dict | None = None) -> tuple[Path, str]:
     """fp32 graph with the project's I/O contract (dynamic batch) → (path, how it was made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import onnx
-        from edgestad.export.onnx_export import export_fp32
-        onnx.save(export_fp32(model, input_size), str(path))
+        from edgestad.export.onnx_export import DEFAULT_INT8_FP16_STRIDE, export_fp32
+        fp32_modules = ()
+        if method not in (None, "peer"):   # the method's fp32 region, as `edgestad export` writes it
+            from edgestad.methods import get_method
+            m = get_method(method)
+            fp32_modules = m.fp32_modules(m.config_cls.from_dict(method_config or {}))
+        onnx.save(export_fp32(model, input_size, fp32_modules=fp32_modules,
+                              int8_fp16_stride=DEFAULT_INT8_FP16_STRIDE), str(path))
         return path, "edgestad.export.onnx_export.export_fp32"
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -415,7 +422,8 @@ def prepare_graphs(subject: Subject, input_size, backends, work: Path, calibrati
             if precision == "fp32":
                 log(f"[{subject.name}] exporting ONNX fp32")
                 graphs[precision], made[precision] = export_onnx(
-                    subject.model, stem.with_suffix(".onnx"), input_size)
+                    subject.model, stem.with_suffix(".onnx"), input_size, subject.method,
+                    subject.method_config)
             elif isinstance(graphs.get("fp32"), Path):
                 out = stem.with_suffix(f".{precision}.onnx")
                 log(f"[{subject.name}] converting ONNX to {precision}")

@@ -49,7 +49,9 @@ def main() -> None:
         training = r["bundle"]["training"]
         epochs = str(training["epochs"])
         if r["method"] == "rstpm":              # pair epochs + discriminator epochs
-            epochs += f"+{(training.get('options') or {}).get('disc_epochs', 3)}"
+            from edgestad.methods import get_method
+            default = get_method("rstpm").defaults["disc_epochs"]
+            epochs += f"+{(training.get('options') or {}).get('disc_epochs', default)}"
         sigma = r["bundle"]["method_config"].get("map_sigma", 0)   # absent: before map smoothing
         print(f"| {r['method']} | {r['category']} | {epochs} | {sigma:g} | "
               f"{m['au_pro']:.3f} | {m['pixel_auroc']:.3f} | {m['image_auroc']:.3f} | "

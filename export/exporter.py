@@ -31,6 +31,7 @@ import onnx
 from edgestad.bundle import WEIGHTS_NAME, Bundle, add_files, load_bundle
 from edgestad.contract import VALID_BOX_NAME, uses_valid_box
 
+from .onnx_export import DEFAULT_INT8_FP16_STRIDE, INT8_FP16_KEY
 from .graph import (DEFAULT_OPSET, INPUT_NAME, MAP_NAME, METADATA_FORMAT, ONNX_FILES, PRECISIONS,
                     REPORT_FILE, SCORE_NAME, check_io_contract, default_opset, op_counts,
                     read_metadata, set_metadata, sha256_bytes)
@@ -60,7 +61,7 @@ class ExportOptions:
     threads: int | None = None        # ONNX Runtime intra-op threads for parity runs
     batch_size: int = 4               # images per ONNX Runtime / torch call in parity runs
     form: str = "default"             # a deploy form of the method (e.g. uninformed_students' "fused")
-    int8_fp16_stride: int = 4         # int8 graph: backbone layers at strides <= this stay fp16 (0: none)
+    int8_fp16_stride: int = DEFAULT_INT8_FP16_STRIDE  # int8: backbone layers at strides <= this stay fp16 (0: none)
 
 
 @dataclass
@@ -157,7 +158,7 @@ def _reusable(meta: dict, precision: str, bundle: Bundle, options: ExportOptions
         stored = meta.get("network_form", "default")
         stored = "default" if stored == "separate" else stored
         checks.append((stored == form, f"network form {stored} != {form}"))
-        early = json.loads(meta.get("edgestad.int8_fp16", "{}") or "{}")
+        early = json.loads(meta.get(INT8_FP16_KEY, "{}") or "{}")
         checks.append((early.get("stride", 0) == options.int8_fp16_stride,
                        "--int8-fp16-stride differs"))
     if precision != "fp32":

@@ -40,6 +40,7 @@ def _quiet_exporter():
 
 FP32_NODES_KEY = "edgestad.fp32_nodes"
 INT8_FP16_KEY = "edgestad.int8_fp16"   # {"stride": S, "nodes": [...]}: kept fp16 in the int8 graph
+DEFAULT_INT8_FP16_STRIDE = 4           # `edgestad export --int8-fp16-stride` and bench
 
 
 def nodes_in_modules(proto: onnx.ModelProto, modules) -> list[str]:

@@ -43,6 +43,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .graph import INPUT_NAME, GraphError, finalize, producers, tensor_types
+from .onnx_export import INT8_FP16_KEY
 
 FP16_RULE = ("fp16: every node that is a Conv or feeds one, except the shared input normalisation; "
              "fp32: input normalisation, the nodes the method declares fp32, and everything after "
@@ -101,7 +102,7 @@ def int8_fp16_nodes(model: onnx.ModelProto) -> tuple[int, set[str]]:
     export_fp32 (``int8_fp16_stride``); (0, ∅) for graphs without that record."""
     import json
     for prop in model.metadata_props:
-        if prop.key == "edgestad.int8_fp16":
+        if prop.key == INT8_FP16_KEY:
             value = json.loads(prop.value)
             return int(value.get("stride", 0)), set(value.get("nodes", []))
     return 0, set()
@@ -401,7 +402,7 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray, method: str = "minm
         "quantized_convs": len(quantized_convs),
         "fp16_convs": len(fp16_convs),
         "fp16_region": (f"backbone layers at strides <= {fp16_stride} (stem and first stages), not "
-                        "quantized, in fp16" if fp16_stride else "none"),
+                        "quantized, in fp16" if fp16_convs else "none"),
         "activation_type": "int8 symmetric, per tensor",
         "weight_type": "int8 symmetric, per output channel (axis 0)",
         "bias": "float32 (not quantized)",

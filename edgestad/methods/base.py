@@ -159,6 +159,13 @@ def nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
 
 
+def training_config(config) -> dict:
+    """The config as a resume checkpoint records and checks it: without ``map_sigma``, which only
+    post-processes the map (training does not depend on it, so changing it, or resuming a
+    checkpoint written before it existed, must not refuse the resume)."""
+    return {k: v for k, v in config.to_dict().items() if k != "map_sigma"}
+
+
 class EpochLoop:
     """Resumable epoch loop state: model, optimizer(s) and RNG saved after every epoch.
 
@@ -201,7 +208,7 @@ def train_epochs(model, data: torch.Tensor, ctx: FitContext, optimizers: dict, l
     device = torch.device(ctx.device)
     generator = torch.Generator().manual_seed(ctx.seed)
     loop = EpochLoop(ctx, model, optimizers, generator, kind=type(model).__name__,
-                     config=model.config.to_dict())
+                     config=training_config(model.config))
     steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
     bar = tqdm(total=ctx.epochs * steps, initial=loop.start_epoch * steps, disable=not ctx.progress,
                desc=desc, dynamic_ncols=True)

@@ -203,3 +203,14 @@ def test_map_sigma_is_checked_and_older_bundles_load_without_smoothing():
     stored = config_cls().to_dict()
     del stored["map_sigma"]                        # a bundle written before map smoothing existed
     assert config_cls.from_dict(stored).map_sigma == 0.0
+
+
+def test_resume_checkpoints_ignore_map_sigma():
+    """map_sigma only post-processes the map: a checkpoint written with another σ (or before σ
+    existed) must resume, so the checkpoint's config leaves it out."""
+    from edgestad.methods import get_method
+    from edgestad.methods.base import training_config
+    config_cls = get_method("stfpm").config_cls
+    assert "map_sigma" not in training_config(config_cls(map_sigma=2.0))
+    assert training_config(config_cls(map_sigma=2.0)) == training_config(config_cls(map_sigma=0.0))
+    assert training_config(config_cls(levels=(8, 16))) != training_config(config_cls())

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 
 from .. import register
 from ..base import (ConfigMixin, EpochLoop, FitContext, Method, MethodConfigError, batches_of, nchw,
-                    timed_entry)
+                    timed_entry, training_config)
 from ..common.backbones import (BACKBONES, PRETRAINED, FeatureInfo, FeaturePyramid,
                                 describe_weights, recompute_batchnorm_statistics)
 from ..common.scoring import MAP_SIGMA, AnomalyModel, check_map_sigma, parse_image_score
@@ -383,7 +383,7 @@ class RSTPMMethod(Method):
                               weight_decay=float(opts.get("weight_decay", 1e-4)))
         adam = torch.optim.Adam(model.discriminator.parameters(), lr=disc_lr)
         loop = EpochLoop(ctx, model, {"students": sgd, "discriminator": adam}, generator,
-                         kind="RSTPM", config=model.config.to_dict())
+                         kind="RSTPM", config=training_config(model.config))
         total = ctx.epochs + disc_epochs
         steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
         bar = tqdm(total=total * steps, initial=loop.start_epoch * steps, disable=not ctx.progress,

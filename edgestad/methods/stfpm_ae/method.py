@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .. import register
 from ..base import (ConfigMixin, EpochLoop, FitContext, Method, MethodConfigError, batches_of, nchw,
-                    timed_entry)
+                    timed_entry, training_config)
 from ..common.backbones import recompute_batchnorm_statistics
 from ..common.scoring import MAP_SIGMA, check_map_sigma, parse_image_score
 from ..stfpm.method import STFPM, level_distance, level_parts, load_pretrained_teacher
@@ -184,7 +184,7 @@ class STFPMAEMethod(Method):
             {"params": list(model.autoencoders.parameters()), "lr": ae_lr}],
             momentum=momentum, weight_decay=weight_decay)
         loop = EpochLoop(ctx, model, {"ae_pretrain": adam, "joint": sgd}, generator, kind="STFPMAE",
-                         config=model.config.to_dict())
+                         config=training_config(model.config))
         total = pre_epochs + ctx.epochs
         steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
         bar = tqdm(total=total * steps, initial=loop.start_epoch * steps, disable=not ctx.progress,
