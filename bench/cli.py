@@ -156,14 +156,13 @@ def export_onnx(model, path: Path, input_size: tuple[int, int], method: str | No
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         import onnx
-        from edgestad.export.onnx_export import DEFAULT_INT8_FP16_STRIDE, export_fp32
+        from edgestad.export.onnx_export import export_fp32
         fp32_modules = ()
         if method not in (None, "peer"):   # the method's fp32 region, as `edgestad export` writes it
             from edgestad.methods import get_method
             m = get_method(method)
             fp32_modules = m.fp32_modules(m.config_cls.from_dict(method_config or {}))
-        onnx.save(export_fp32(model, input_size, fp32_modules=fp32_modules,
-                              int8_fp16_stride=DEFAULT_INT8_FP16_STRIDE), str(path))
+        onnx.save(export_fp32(model, input_size, fp32_modules=fp32_modules), str(path))
         return path, "edgestad.export.onnx_export.export_fp32"
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -196,8 +195,10 @@ def convert_fp16(src: Path, dst: Path) -> tuple[Path, str]:
 def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> tuple[Path, str]:
     """Static QDQ INT8 of the convolutions (edgestad.export's rule), calibrated on ``calibration``."""
     import onnx
+    from edgestad.export.onnx_export import DEFAULT_INT8_FP16_STRIDE
     from edgestad.export.precision import to_int8
-    onnx.save(to_int8(onnx.load(str(src)), calibration)[0], str(dst))
+    onnx.save(to_int8(onnx.load(str(src)), calibration, fp16_stride=DEFAULT_INT8_FP16_STRIDE)[0],
+              str(dst))
     return dst, "edgestad.export.precision.to_int8"
 
 

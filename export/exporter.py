@@ -158,15 +158,14 @@ def _reusable(meta: dict, precision: str, bundle: Bundle, options: ExportOptions
         stored = meta.get("network_form", "default")
         stored = "default" if stored == "separate" else stored
         checks.append((stored == form, f"network form {stored} != {form}"))
-        early = json.loads(meta.get(INT8_FP16_KEY, "{}") or "{}")
-        checks.append((early.get("stride", 0) == options.int8_fp16_stride,
-                       "--int8-fp16-stride differs"))
+        checks.append((INT8_FP16_KEY in meta, "made before the int8 first-stages record"))
     if precision != "fp32":
         checks.append((meta.get("source_fp32_sha256") == fp32_sha, "fp32 graph changed"))
     if precision == "int8":
         calib = json.loads(meta.get("calibration", "{}") or "{}")
         checks.append((calib.get("images") == options.calibration_images
                        and calib.get("method") == options.calibration_method, "calibration settings differ"))
+        checks.append((calib.get("fp16_stride", 0) == options.int8_fp16_stride, "--int8-fp16-stride differs"))
     for ok, why in checks:
         if not ok:
             return why
@@ -256,8 +255,7 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
         fp32_modules = method.fp32_modules(method.config_cls.from_dict(manifest["method_config"]))
         models["fp32"] = export_fp32(graph_source, bundle.input_size, options.opset,
                                      valid_box=uses_valid_box(manifest["input"]),
-                                     fp32_modules=fp32_modules,
-                                     int8_fp16_stride=options.int8_fp16_stride)
+                                     fp32_modules=fp32_modules)
         details["fp32"] = {"rule": "float32 everywhere (reference graph)",
                            "network_form": _form(options)}
     fp32_model = models.get("fp32") or onnx.load_from_string(graphs["fp32"])
@@ -279,14 +277,16 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
             raise ExportError(f"int8 needs calibration images: {exc}") from exc
         log(f"quantizing to int8 (Q/DQ, {options.calibration_method} calibration on "
             f"{len(calibration_images)} good training images) ...")
-        models["int8"], details["int8"] = to_int8(fp32_model, calibration_images, options.calibration_method)
+        models["int8"], details["int8"] = to_int8(fp32_model, calibration_images, options.calibration_method,
+                                                  fp16_stride=options.int8_fp16_stride)
         details["int8"]["calibration_data"] = str(cal.data_folder(bundle, options.calibration_data))
     for precision in ("fp16", "int8"):
         if precision in models:
             extra = {"precision_rule": details[precision]["rule"], "source_fp32_sha256": fp32_sha}
             if precision == "int8":
                 extra["calibration"] = {"images": options.calibration_images,
-                                        "method": options.calibration_method}
+                                        "method": options.calibration_method,
+                                        "fp16_stride": options.int8_fp16_stride}
             set_metadata(models[precision], _graph_metadata(bundle, precision, default_opset(fp32_model), extra))
             graphs[precision] = models[precision].SerializeToString()
 

@@ -39,7 +39,8 @@ def _quiet_exporter():
 
 
 FP32_NODES_KEY = "edgestad.fp32_nodes"
-INT8_FP16_KEY = "edgestad.int8_fp16"   # {"stride": S, "nodes": [...]}: kept fp16 in the int8 graph
+INT8_FP16_KEY = "edgestad.int8_fp16"   # {"<stride>": [nodes], ...}: the backbones' early layers
+INT8_FP16_STRIDES = (2, 4, 8)          # the choices of `--int8-fp16-stride` (besides 0)
 DEFAULT_INT8_FP16_STRIDE = 4           # `edgestad export --int8-fp16-stride` and bench
 
 
@@ -74,13 +75,14 @@ def early_stage_modules(model, stride: int) -> list[str]:
 
 def export_fp32(model, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,
                 example_batch: int = 2, valid_box: bool = False,
-                fp32_modules=(), int8_fp16_stride: int = 0) -> onnx.ModelProto:
+                fp32_modules=()) -> onnx.ModelProto:
     """The fp32 ONNX graph of ``model`` (images uint8 N x 3 x H x W [, valid_box N x 4] -> map,
     score).
 
     The example batch is 2, not 1: torch.export specialises a dimension whose example size is 1.
-    ``int8_fp16_stride``: the backbone layers at strides ≤ this are recorded (metadata) as the
-    region the int8 graph keeps in fp16 (``precision.to_int8``); 0 = none.
+    The graph's metadata records the fp32 region the method declares and, for each stride in
+    ``INT8_FP16_STRIDES``, the backbone layers at strides ≤ it: the region ``precision.to_int8``
+    keeps in fp16 for ``--int8-fp16-stride`` (so changing that option touches only the int8 graph).
     """
     import torch
 
@@ -106,7 +108,7 @@ def export_fp32(model, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,
     # The method's fp32 region (Method.fp32_modules), found while the exporter's scope metadata
     # is still there; finalize() strips it. fp16/int8 conversion reads the list back.
     forced = nodes_in_modules(proto, fp32_modules)
-    early = nodes_in_modules(proto, early_stage_modules(model, int8_fp16_stride)) if int8_fp16_stride else []
+    early = {str(s): nodes_in_modules(proto, early_stage_modules(model, s)) for s in INT8_FP16_STRIDES}
     if fp32_modules and not forced:
         raise GraphError(f"the method declares fp32 modules {list(fp32_modules)} but no exported "
                          "node belongs to them")
@@ -114,7 +116,7 @@ def export_fp32(model, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,
     from .graph import set_metadata
     if forced:
         set_metadata(proto, {FP32_NODES_KEY: sorted(forced)})
-    set_metadata(proto, {INT8_FP16_KEY: {"stride": int8_fp16_stride,
-                                         "nodes": sorted(set(early) - set(forced))}})
+    set_metadata(proto, {INT8_FP16_KEY: {s: sorted(set(nodes) - set(forced))
+                                         for s, nodes in early.items()}})
     check_io_contract(proto, (height, width), valid_box)
     return proto

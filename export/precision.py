@@ -97,15 +97,18 @@ def forced_fp32_nodes(model: onnx.ModelProto) -> set[str]:
     return set()
 
 
-def int8_fp16_nodes(model: onnx.ModelProto) -> tuple[int, set[str]]:
-    """(stride, nodes) the int8 graph keeps in fp16: the backbones' early layers recorded by
-    export_fp32 (``int8_fp16_stride``); (0, ∅) for graphs without that record."""
+def int8_fp16_nodes(model: onnx.ModelProto, stride: int) -> set[str]:
+    """The backbones' layers at strides ≤ ``stride`` as export_fp32 recorded them: what the int8
+    graph keeps in fp16; ∅ for stride 0 or a graph without that record."""
     import json
     for prop in model.metadata_props:
-        if prop.key == INT8_FP16_KEY:
-            value = json.loads(prop.value)
-            return int(value.get("stride", 0)), set(value.get("nodes", []))
-    return 0, set()
+        if prop.key == INT8_FP16_KEY and stride:
+            recorded = json.loads(prop.value)
+            if str(stride) not in recorded:
+                raise GraphError(f"--int8-fp16-stride {stride}: not one of the recorded strides "
+                                 f"{sorted(int(s) for s in recorded)}")
+            return set(recorded[str(stride)])
+    return set()
 
 
 def fp16_split(model: onnx.ModelProto) -> Fp16Split:
@@ -345,8 +348,10 @@ def _quiet_quantizer():
 
 
 def to_int8(model: onnx.ModelProto, calibration: np.ndarray, method: str = "minmax",
-            workdir: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, dict]:
-    """The explicitly quantized (Q/DQ) int8 graph and a description of what was quantized."""
+            workdir: str | os.PathLike | None = None, fp16_stride: int = 0
+            ) -> tuple[onnx.ModelProto, dict]:
+    """The explicitly quantized (Q/DQ) int8 graph and a description of what was quantized;
+    ``fp16_stride``: the backbones' layers up to this stride stay unquantized, in fp16 (0: none)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
 
@@ -361,8 +366,7 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray, method: str = "minm
     from .graph import VALID_BOX_NAME
     reader = _Reader(calibration, with_box=any(i.name == VALID_BOX_NAME for i in model.graph.input))
     forced = forced_fp32_nodes(model)
-    fp16_stride, keep_fp16 = int8_fp16_nodes(model)
-    keep_fp16 -= forced
+    keep_fp16 = int8_fp16_nodes(model, fp16_stride) - forced
     extra = {
         "ActivationSymmetric": True,      # TensorRT: int8 with zero point 0
         "WeightSymmetric": True,

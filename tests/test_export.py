@@ -227,7 +227,15 @@ def test_card_form_reuses_current_graphs_and_drops_stale_engines(exported, tmp_p
     assert manifest["exports"]["engines"] == []
     assert stale["file"] not in manifest["files"] and not (work / stale["file"]).exists()
     assert G.read_metadata(onnx.load(str(work / "model.int8.onnx")))["calibration"] == \
-        json.dumps({"images": 3, "method": "minmax"}, sort_keys=True)
+        json.dumps({"images": 3, "method": "minmax", "fp16_stride": 4}, sort_keys=True)
+    # --int8-fp16-stride is an int8 setting: only the int8 graph is remade.
+    fp32_before = _listing(work)["model.onnx"]
+    result = runner.invoke(main, ["export", str(work), "-p", "int8", "--calibration-images", "3",
+                                  "--int8-fp16-stride", "0", "--parity-images", "2", "--no-accuracy"])
+    assert result.exit_code == 0, result.output
+    assert "reusing model.onnx" in result.output and _listing(work)["model.onnx"] == fp32_before
+    assert json.loads(G.read_metadata(onnx.load(str(work / "model.int8.onnx")))["calibration"])[
+        "fp16_stride"] == 0
 
 
 def test_thresholds_command_keeps_exported_graphs_current(exported, tmp_path):

@@ -71,13 +71,14 @@ def test_int8_graph_keeps_the_backbones_first_stages_in_fp16():
     model = method.build(config).eval()
     assert early_stage_modules(model, 4) == [f"{net}.{child}" for net in ("teacher", "student")
                                              for child in ("stem", "blocks.0", "blocks.1", "blocks.2")]
-    proto = export_fp32(model, (64, 64), fp32_modules=method.fp32_modules(config), int8_fp16_stride=4)
-    stride, early = int8_fp16_nodes(proto)
-    assert stride == 4
+    proto = export_fp32(model, (64, 64), fp32_modules=method.fp32_modules(config))
+    early = int8_fp16_nodes(proto, 4)
+    assert int8_fp16_nodes(proto, 2) < early < int8_fp16_nodes(proto, 8)
+    assert int8_fp16_nodes(proto, 0) == set()
     early_convs = {n.name for n in proto.graph.node if n.op_type == "Conv" and n.name in early}
     assert len(early_convs) == 2 * (1 + 2 + 3 + 3)      # stem + block 0 (2 convs) + blocks 1-2 (3 each)
     calibration = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
-    quantized, info = to_int8(proto, calibration)
+    quantized, info = to_int8(proto, calibration, fp16_stride=4)
     assert info["fp16_convs"] == len(early_convs)
     produced_by, types = producers(quantized), tensor_types(quantized)
     forced = forced_fp32_nodes(proto)
