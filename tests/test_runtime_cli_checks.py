@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from edgestad.runtime.cli import service, webhook_outbox_dir
 from edgestad.runtime.config import build_config
 from edgestad.runtime.errors import EXIT_CONFIG, EXIT_SOURCE
+from helpers import wait_for
 from test_runtime_toy import make_toy_bundle, write_video
 
 
@@ -124,17 +125,6 @@ def _stop(proc):
             proc.kill()
 
 
-def _wait(pred, timeout=30.0):
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
 def test_run_http_limits_come_from_the_options(tmp_path):
     import re
     import socket
@@ -157,7 +147,7 @@ def test_run_http_limits_come_from_the_options(tmp_path):
         t0 = time.monotonic()
         assert idle.recv(1) == b"" and time.monotonic() - t0 < 3  # closed after 0.5 s of silence
         idle.close()
-        assert _wait(lambda: _status_ok(port))
+        assert wait_for(lambda: _status_ok(port), timeout=30.0)
     finally:
         out, err = _stop(proc)
     assert proc.returncode == 0, err
@@ -186,7 +176,7 @@ def test_webhook_outbox_survives_a_restart_of_the_runtime_process(tmp_path):
     outbox = events / "webhook-outbox"
     proc = _start_run(tmp_path, "--events", events, "--webhook", f"http://127.0.0.1:{port}/ng")
     try:
-        assert _wait(lambda: outbox.is_dir() and len(list(outbox.glob("*.json"))) >= 5)
+        assert wait_for(lambda: outbox.is_dir() and len(list(outbox.glob("*.json"))) >= 5, timeout=30.0)
     finally:
         _, err = _stop(proc)
     assert proc.returncode == 0, err
@@ -210,7 +200,7 @@ def test_webhook_outbox_survives_a_restart_of_the_runtime_process(tmp_path):
     try:
         proc = _start_run(tmp_path, "--events", events, "--webhook", f"http://127.0.0.1:{port}/ng")
         try:
-            assert _wait(lambda: waiting <= {r["time"] for r in received})
+            assert wait_for(lambda: waiting <= {r["time"] for r in received}, timeout=30.0)
         finally:
             _, err = _stop(proc)
         assert proc.returncode == 0, err
