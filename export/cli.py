@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from .onnx_export import DEFAULT_INT8_FP16_STRIDE, INT8_FP16_STRIDES
+
 PRECISION_CHOICES = ["fp32", "fp16", "int8", "all"]
 
 
@@ -30,7 +32,8 @@ PRECISION_CHOICES = ["fp32", "fp16", "int8", "all"]
 @click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]),
               default="minmax", show_default=True,
               help="int8 range rule (percentile/entropy keep all activations in memory).")
-@click.option("--int8-fp16-stride", type=click.Choice(["0", "2", "4", "8"]), default="4",
+@click.option("--int8-fp16-stride", type=click.Choice([str(s) for s in (0, *INT8_FP16_STRIDES)]),
+              default=str(DEFAULT_INT8_FP16_STRIDE),
               show_default=True,
               help="int8 graph: the pretrained backbones' layers up to this stride (stem and first "
                    "stages) are not quantized but run in fp16; 0 quantizes every convolution.")

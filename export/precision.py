@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -42,8 +43,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import INPUT_NAME, GraphError, finalize, producers, tensor_types
-from .onnx_export import INT8_FP16_KEY
+from .graph import INPUT_NAME, GraphError, finalize, producers, read_metadata, tensor_types
+from .onnx_export import FP32_NODES_KEY, INT8_FP16_KEY
 
 FP16_RULE = ("fp16: every node that is a Conv or feeds one, except the shared input normalisation; "
              "fp32: input normalisation, the nodes the method declares fp32, and everything after "
@@ -90,25 +91,22 @@ class Fp16Split:
 
 def forced_fp32_nodes(model: onnx.ModelProto) -> set[str]:
     """Nodes the method declared fp32 (``Method.fp32_modules``; stored by export_fp32)."""
-    import json
-    for prop in model.metadata_props:
-        if prop.key == "edgestad.fp32_nodes":
-            return set(json.loads(prop.value))
-    return set()
+    stored = read_metadata(model).get(FP32_NODES_KEY)
+    return set(json.loads(stored)) if stored else set()
 
 
 def int8_fp16_nodes(model: onnx.ModelProto, stride: int) -> set[str]:
     """The backbones' layers at strides ≤ ``stride`` as export_fp32 recorded them: what the int8
-    graph keeps in fp16; ∅ for stride 0 or a graph without that record."""
-    import json
-    for prop in model.metadata_props:
-        if prop.key == INT8_FP16_KEY and stride:
-            recorded = json.loads(prop.value)
-            if str(stride) not in recorded:
-                raise GraphError(f"--int8-fp16-stride {stride}: not one of the recorded strides "
-                                 f"{sorted(int(s) for s in recorded)}")
-            return set(recorded[str(stride)])
-    return set()
+    graph keeps in fp16 (export_fp32 already left out the nodes declared fp32); ∅ for stride 0 or
+    a graph without that record."""
+    stored = read_metadata(model).get(INT8_FP16_KEY)
+    if not stride or not stored:
+        return set()
+    recorded = json.loads(stored)
+    if str(stride) not in recorded:
+        raise GraphError(f"--int8-fp16-stride {stride}: not one of the recorded strides "
+                         f"{sorted(int(s) for s in recorded)}")
+    return set(recorded[str(stride)])
 
 
 def fp16_split(model: onnx.ModelProto) -> Fp16Split:
@@ -366,7 +364,7 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray, method: str = "minm
     from .graph import VALID_BOX_NAME
     reader = _Reader(calibration, with_box=any(i.name == VALID_BOX_NAME for i in model.graph.input))
     forced = forced_fp32_nodes(model)
-    keep_fp16 = int8_fp16_nodes(model, fp16_stride) - forced
+    keep_fp16 = int8_fp16_nodes(model, fp16_stride)
     extra = {
         "ActivationSymmetric": True,      # TensorRT: int8 with zero point 0
         "WeightSymmetric": True,

@@ -74,9 +74,14 @@ def image_score(amap: torch.Tensor, rule: str, valid: torch.Tensor | None = None
     return torch.where(real, top, torch.zeros_like(top)).sum(dim=1) / real.sum(dim=1).clamp_min(1)
 
 
+def kernel_radius(sigma: float) -> int:
+    """⌈4σ⌉, at least 1 (scipy.ndimage's default truncation)."""
+    return max(1, math.ceil(4.0 * sigma))
+
+
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
-    """Normalised 1-D Gaussian, radius ⌈4σ⌉ (scipy.ndimage's default truncation)."""
-    radius = max(1, math.ceil(4.0 * sigma))
+    """Normalised 1-D Gaussian of radius ``kernel_radius(sigma)``."""
+    radius = kernel_radius(sigma)
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return (k / k.sum()).float()
@@ -87,8 +92,8 @@ def check_map_sigma(sigma: float, input_size) -> None:
     if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not math.isfinite(sigma) \
             or sigma < 0:
         raise ValueError(f"map_sigma: must be a number >= 0 (pixels; 0 = no smoothing), got {sigma!r}")
-    if sigma > 0 and 2 * math.ceil(4.0 * sigma) + 1 > min(input_size):
-        raise ValueError(f"map_sigma: {sigma} px needs a {2 * math.ceil(4.0 * sigma) + 1}-pixel kernel, "
+    if sigma > 0 and 2 * kernel_radius(sigma) + 1 > min(input_size):
+        raise ValueError(f"map_sigma: {sigma} px needs a {2 * kernel_radius(sigma) + 1}-pixel kernel, "
                          f"larger than the input {tuple(input_size)}")
 
 
