@@ -291,6 +291,33 @@ def read_image(path: str | os.PathLike, size: Sequence[int] | None = None) -> np
     return decode_image(_read_bytes(path), str(path), size)
 
 
+def parse_roi(text: str | Sequence[int] | None, option: str = "--roi") -> tuple[int, int, int, int] | None:
+    """"x,y,w,h" (pixels of the source images) or a sequence of four ints → (x, y, w, h);
+    DataError naming the option otherwise. None stays None (no region of interest)."""
+    if text is None:
+        return None
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        values = tuple(int(str(v).strip()) for v in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4 or values[0] < 0 or values[1] < 0 or values[2] < 1 or values[3] < 1:
+        raise DataError(f"{option}: expected x,y,w,h in pixels (x, y >= 0; w, h >= 1), got {text!r}")
+    return values   # type: ignore[return-value]
+
+
+def crop_roi(img: np.ndarray, roi: Sequence[int] | None, source: str = "image") -> np.ndarray:
+    """The region of interest (x, y, w, h) of an H x W (x C) image; DataError naming the image
+    when the region does not lie inside it."""
+    if roi is None:
+        return img
+    x, y, w, h = (int(v) for v in roi)
+    if x + w > img.shape[1] or y + h > img.shape[0]:
+        raise DataError(f"{source}: the region of interest x={x} y={y} w={w} h={h} does not lie "
+                        f"inside the {img.shape[1]}x{img.shape[0]} image")
+    return img[y:y + h, x:x + w]
+
+
 def read_mask(path: str | os.PathLike, size: Sequence[int] | None = None) -> np.ndarray:
     """Read a ground-truth mask as bool H x W (``> 127``), resized nearest to ``size``."""
     path = Path(path)
@@ -495,11 +522,13 @@ def load_images(
     workers: int | None = None,
     resize: str = "area_or_linear",
     with_boxes: bool = False,
+    roi: Sequence[int] | None = None,
 ):
     """Read and resize images into one uint8 array N x H x W x 3 (RGB), in the order given.
 
     ``resize``: the bundle's rule (``area_or_linear`` squashes, ``letterbox`` keeps the aspect
-    ratio and pads). ``with_boxes``: also return the valid boxes (float32 N x 4)."""
+    ratio and pads). ``with_boxes``: also return the valid boxes (float32 N x 4). ``roi``: crop
+    each image to this region of interest (x, y, w, h) first."""
     hw = _check_size(size)
     assert hw is not None
     paths = [Path(p) for p in paths]
@@ -508,14 +537,16 @@ def load_images(
     out = np.empty((len(paths), hw[0], hw[1], 3), dtype=np.uint8)
     boxes = np.empty((len(paths), 4), dtype=np.float32)
     with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
-        results = pool.map(lambda p: fit_image(read_image(p), hw, resize), paths)
+        results = pool.map(lambda p: fit_image(crop_roi(read_image(p), roi, str(p)), hw, resize),
+                           paths)
         for i, (img, box) in enumerate(_progress(results, len(paths), progress, "loading images")):
             out[i] = img
             boxes[i] = box
     return (out, boxes) if with_boxes else out
 
 
-def _load_test_item(item: TestItem, hw: tuple[int, int], resize: str = "area_or_linear"):
+def _load_test_item(item: TestItem, hw: tuple[int, int], resize: str = "area_or_linear",
+                    roi: Sequence[int] | None = None):
     image = read_image(item.path)
     if item.mask_path is None:
         mask = np.zeros(hw, dtype=bool)
@@ -526,7 +557,8 @@ def _load_test_item(item: TestItem, hw: tuple[int, int], resize: str = "area_or_
                 f"mask {item.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
                 f"{item.path} is {image.shape[1]}x{image.shape[0]} (width x height)"
             )
-        mask = resize_mask(mask, hw)
+        mask = resize_mask(crop_roi(mask, roi, str(item.mask_path)), hw)
+    image = crop_roi(image, roi, str(item.path))
     fitted, box = fit_image(image, hw, resize)
     return fitted, mask, box
 
@@ -538,8 +570,9 @@ def load_test_set(
     workers: int | None = None,
     resize: str = "area_or_linear",
     with_boxes: bool = False,
+    roi: Sequence[int] | None = None,
 ):
-    """All test images of a category at ``size``.
+    """All test images of a category at ``size`` (each image and mask cropped to ``roi`` first).
 
     Masks are always on the plain ``size`` grid (squashed, nearest): the evaluation grid. With
     ``resize="letterbox"`` the images are letterboxed and ``with_boxes`` returns their valid boxes
@@ -558,7 +591,7 @@ def load_test_set(
     masks = np.empty((len(items), hw[0], hw[1]), dtype=bool)
     boxes = np.empty((len(items), 4), dtype=np.float32)
     with ThreadPoolExecutor(max_workers=workers or _default_workers()) as pool:
-        results = pool.map(lambda it: _load_test_item(it, hw, resize), items)
+        results = pool.map(lambda it: _load_test_item(it, hw, resize, roi), items)
         for i, (img, mask, box) in enumerate(_progress(results, len(items), progress,
                                                         "loading test set")):
             images[i] = img

@@ -37,15 +37,21 @@ def torch_maps(bundle, images: np.ndarray, boxes: np.ndarray | None, device: str
             batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).to(device)
             box = (torch.from_numpy(boxes[start:start + batch_size]).to(device)
                    if boxes is not None and model.takes_valid_box else None)
-            amap, score = model(batch, box)
+            amap, map_score, global_score = model.scores(batch, box)
+            score = (map_score if global_score is None
+                     else model.score_fusion(map_score, global_score))
             out.setdefault("model", []).append((amap[:, 0].cpu().numpy(), score.cpu().numpy()))
+            if global_score is not None:
+                # the image score's two parts, for the report of each one's contribution
+                out.setdefault("score:map", []).append((None, map_score.cpu().numpy()))
+                out.setdefault("score:global", []).append((None, global_score.cpu().numpy()))
             if parts:
                 named = method.parts(model, model.normalize_input(batch))
                 for key, part in (named.items() if len(named) > 1 else ()):
                     part_map, part_score = model.finish(part, box)
                     out.setdefault(key, []).append((part_map[:, 0].cpu().numpy(),
                                                     part_score.cpu().numpy()))
-    return {k: (np.concatenate([m for m, _ in v]).astype(np.float32),
+    return {k: (None if v[0][0] is None else np.concatenate([m for m, _ in v]).astype(np.float32),
                 np.concatenate([s for _, s in v]).astype(np.float32)) for k, v in out.items()}
 
 
@@ -90,15 +96,23 @@ def compute_metrics(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray,
     return result
 
 
-def decisions(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
-    """OK/NG at the bundle's image threshold: defective parts caught, good parts rejected."""
+def decisions(scores: np.ndarray, labels: np.ndarray, threshold: float,
+              review: float | None = None, promised: float | None = None) -> dict:
+    """OK/NG (and REVIEW) at the bundle's image threshold(s): defective parts caught, good parts
+    rejected, beside the false-reject rate the bundle promised."""
     ng = scores > threshold
     bad, good = labels == 1, labels == 0
-    return {"threshold": float(threshold),
-            "defective_ng": int((ng & bad).sum()), "defective_total": int(bad.sum()),
-            "good_ng": int((ng & good).sum()), "good_total": int(good.sum()),
-            "defective_caught": float((ng & bad).sum() / max(1, bad.sum())),
-            "good_rejected": float((ng & good).sum() / max(1, good.sum()))}
+    out = {"threshold": float(threshold),
+           "defective_ng": int((ng & bad).sum()), "defective_total": int(bad.sum()),
+           "good_ng": int((ng & good).sum()), "good_total": int(good.sum()),
+           "defective_caught": float((ng & bad).sum() / max(1, bad.sum())),
+           "good_rejected": float((ng & good).sum() / max(1, good.sum())),
+           "promised_good_rejected": promised}
+    if review is not None:
+        flagged = (scores > review) & ~ng
+        out.update(review_threshold=float(review), defective_review=int((flagged & bad).sum()),
+                   good_review=int((flagged & good).sum()))
+    return out
 
 
 def model_line(manifest: dict) -> str:
@@ -119,8 +133,9 @@ def evaluate_bundle(bundle_path: Path, data: Path, out_dir: Path, backend: str =
     bundle = load_bundle(bundle_path)
     h, w = bundle.input_size
     resize = bundle.manifest["input"].get("resize", "area_or_linear")
+    roi = bundle.manifest["input"].get("roi")   # the bundle's region of interest, if any
     images, masks, labels, defect_types, paths, boxes = load_test_set(
-        data, (h, w), resize=resize, with_boxes=True)
+        data, (h, w), resize=resize, with_boxes=True, roi=roi)
     boxes = boxes if uses_valid_box(bundle.manifest["input"]) else None
     start = time.time()
     if backend == "torch":
@@ -137,6 +152,8 @@ def evaluate_bundle(bundle_path: Path, data: Path, out_dir: Path, backend: str =
     else:
         raise click.BadParameter(f"unknown backend {backend!r}", param_hint="--backend")
     seconds = time.time() - start
+    score_parts = {k.split(":", 1)[1]: s for k, (m, s) in outputs.items() if m is None}
+    outputs = {k: v for k, v in outputs.items() if v[0] is not None}
     all_maps = {k: to_eval_grid(m, boxes) for k, (m, _) in outputs.items()}
     results = {key: compute_metrics(all_maps[key], masks, labels, defect_types, outputs[key][1])
                for key in all_maps}
@@ -144,17 +161,23 @@ def evaluate_bundle(bundle_path: Path, data: Path, out_dir: Path, backend: str =
               "method": bundle.manifest["method"], "backbone": bundle.manifest.get("backbone"),
               "model": model_line(bundle.manifest),
               "image_score_rule": bundle.manifest.get("image_score", "max"),
-              "resize": resize,
+              "resize": resize, **({"roi": roi} if roi else {}),
               "precision": precision if backend == "onnx" else "fp32 (torch)",
               "test_images": int(len(images)), "anomalous": int(labels.sum()),
               "seconds": round(seconds, 1), **results["model"],
               "parts": {k: {m: v[m] for m in ("au_pro", "pixel_auroc", "image_auroc")}
                         for k, v in results.items() if k != "model"},
               "thresholds": bundle.manifest.get("thresholds")}
+    if score_parts:
+        # what each part of the fused image score detects on its own (same images)
+        report["image_score_parts"] = {
+            **{k: {"image_auroc": metrics.image_auroc(v, labels)} for k, v in score_parts.items()},
+            "fused": {"image_auroc": report["image_auroc"]}}
     thresholds = bundle.manifest.get("thresholds") or {}
     if "image" in thresholds:
-        report["decisions_at_bundle_threshold"] = decisions(outputs["model"][1], labels,
-                                                            thresholds["image"])
+        report["decisions_at_bundle_threshold"] = decisions(
+            outputs["model"][1], labels, thresholds["image"], thresholds.get("image_review"),
+            ((thresholds.get("rule") or {}).get("image_promised_false_reject")))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
@@ -166,7 +189,7 @@ def evaluate_bundle(bundle_path: Path, data: Path, out_dir: Path, backend: str =
     if record and bundle.path == Path(bundle_path):
         add_files(bundle_path, {}, {"evaluation": {
             k: report[k] for k in ("data", "backend", "precision", "au_pro", "pixel_auroc",
-                                   "image_auroc", "parts", "test_images",
+                                   "image_auroc", "parts", "image_score_parts", "test_images",
                                    "decisions_at_bundle_threshold") if k in report}})
     return report
 
@@ -261,9 +284,16 @@ def evaluate_command(bundle, data, out_dir, backend, precision, device, batch_si
     for key, m in report["parts"].items():
         click.echo(f"{key}: AU-PRO {m['au_pro']:.3f}  pixel AUROC {m['pixel_auroc']:.3f}  "
                    f"image AUROC {m['image_auroc']:.3f}")
+    for key, m in (report.get("image_score_parts") or {}).items():
+        click.echo(f"image score part {key}: image AUROC {m['image_auroc']:.3f}")
     d = report.get("decisions_at_bundle_threshold")
     if d:
+        promised = (f" (promised {d['promised_good_rejected']:.1%})"
+                    if d.get("promised_good_rejected") is not None else "")
         click.echo(f"at the bundle's image threshold {d['threshold']:.4g}: "
                    f"{d['defective_ng']}/{d['defective_total']} defective parts NG, "
-                   f"{d['good_ng']}/{d['good_total']} good parts NG")
+                   f"{d['good_ng']}/{d['good_total']} good parts NG{promised}")
+        if "review_threshold" in d:
+            click.echo(f"REVIEW band above {d['review_threshold']:.4g}: "
+                       f"{d['defective_review']} defective and {d['good_review']} good parts REVIEW")
     click.echo(f"report written to {out_dir}")

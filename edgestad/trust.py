@@ -23,13 +23,13 @@ import math
 import os
 import socket
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any, Callable, Mapping
 
 from .bundle import (DIGEST_KEY, FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME, Bundle, BundleError, add_files,
                      atomic_write_bytes, canonical_json, decision_differences, load_bundle,
                      sha256_file)
 from .contract import ONNX_FILES, REPORT_FILE
+from .image_threshold import ImageThresholdError, normal_threshold, rank_threshold, recall_threshold
 from . import graph_meta
 
 SIGNATURE_FORMAT = "edgestad-signature/1"
@@ -141,22 +141,59 @@ def pixel_threshold_for_fpr(thresholds: Mapping, fpr: float) -> tuple[float, str
     raise ThresholdError(f"--pixel-fpr: {fpr:g} not found in the stored quantiles")  # pragma: no cover
 
 
-def image_threshold_for_false_reject(thresholds: Mapping, false_reject: float) -> tuple[float, str]:
-    """The image threshold for a false-reject target, from the stored validation image-score
-    mean/std (``false_reject = 0``: the largest validation score), as train/calibrate.py does."""
+def image_threshold_for_false_reject(thresholds: Mapping, false_reject: float,
+                                     option: str = "--image-false-reject",
+                                     min_k: int = 1) -> tuple[float, str, dict | None]:
+    """(threshold, rule, rank result) for a false-reject target, from the validation image scores
+    stored at training time, by the same rule as training (``edgestad.image_threshold``). Bundles
+    trained before the scores were stored use their stored mean/std (the normal fit they were
+    made with; rank result None)."""
     if not 0 <= false_reject < 0.5:
-        raise ThresholdError(f"--image-false-reject: must be in [0, 0.5), got {false_reject}")
+        raise ThresholdError(f"{option}: must be in [0, 0.5), got {false_reject}")
     rule = thresholds.get("rule") or {}
+    scores = rule.get("validation_scores")
+    if isinstance(scores, list) and scores:
+        try:
+            result = rank_threshold(scores, false_reject, option, min_k=min_k)
+        except ImageThresholdError as exc:
+            raise ThresholdError(str(exc)) from None
+        return float(result["threshold"]), result["rule"], result
     try:
         if false_reject == 0:
-            return float(rule["validation_score_max"]), "largest validation good image score"
+            return float(rule["validation_score_max"]), "largest validation good image score", None
         mu, sigma = float(rule["validation_score_mean"]), float(rule["validation_score_std"])
     except (KeyError, TypeError, ValueError):
-        raise ThresholdError("--image-false-reject: this bundle stores no validation image-score "
+        raise ThresholdError(f"{option}: this bundle stores no validation image-score "
                              "statistics; set --image-threshold, or retrain") from None
-    z = NormalDist().inv_cdf(1.0 - false_reject)
-    return mu + z * sigma, (f"normal fit to validation good image scores: mean + {z:.3f}·std "
-                            f"(false-reject target {false_reject:g})")
+    threshold, text = normal_threshold(mu, sigma, false_reject)
+    return threshold, text, None
+
+
+def defect_scores(bundle: Bundle, folder) -> list[float]:
+    """Image scores of the real defective images in ``folder`` from the bundle's exported fp32
+    graph (ONNX Runtime, torch-free), preprocessed by the bundle's own input rule."""
+    from .contract import uses_valid_box
+    from .data import DataError, list_images, load_images
+    from .onnx_session import ort_session, run_session
+    name = graph_files(bundle.manifest).get("fp32")
+    if not name:
+        raise ThresholdError(f"--defects: {bundle.path} has no exported fp32 graph to score the "
+                             f"defective images with; run `edgestad export {bundle.path}` first")
+    try:
+        paths = list_images(folder)
+    except (DataError, OSError) as exc:
+        raise ThresholdError(f"--defects: {folder}: {exc}") from None
+    if not paths:
+        raise ThresholdError(f"--defects: {folder}: no images")
+    section = bundle.manifest["input"]
+    try:
+        images, boxes = load_images(paths, (section["height"], section["width"]),
+                                    resize=section.get("resize", "area_or_linear"), with_boxes=True)
+    except DataError as exc:
+        raise ThresholdError(f"--defects: {exc}") from None
+    _, scores = run_session(ort_session(bundle.file(name)), images.transpose(0, 3, 1, 2),
+                            boxes=boxes if uses_valid_box(section) else None)
+    return [float(s) for s in scores]
 
 
 def _now() -> str:
@@ -173,8 +210,12 @@ def _user() -> str:
 
 def new_thresholds(thresholds: Mapping, *, pixel_fpr: float | None = None,
                    image_false_reject: float | None = None, pixel: float | None = None,
-                   image: float | None = None) -> tuple[dict, list[str]]:
-    """(the new thresholds dict, the rule of each change)."""
+                   image: float | None = None, review_false_reject: float | None = None,
+                   review: float | None = None, no_review: bool = False,
+                   defects: list[float] | None = None, recall: float | None = None
+                   ) -> tuple[dict, list[str]]:
+    """(the new thresholds dict, the rule of each change). ``review*``: the REVIEW band's lower
+    threshold (``no_review`` removes the band)."""
     new = json.loads(json.dumps(dict(thresholds)))
     rule = new.setdefault("rule", {})
     rules = []
@@ -188,32 +229,79 @@ def new_thresholds(thresholds: Mapping, *, pixel_fpr: float | None = None,
         new["pixel"] = float(pixel)
         rule.update(pixel="set by hand (edgestad thresholds --pixel-threshold)", pixel_fpr=None)
         rules.append(f"--pixel-threshold {pixel:g}: set by hand")
+    image_rank = None
     if image_false_reject is not None:
-        new["image"], text = image_threshold_for_false_reject(thresholds, image_false_reject)
-        rule.update(image=text, image_false_reject=image_false_reject)
+        new["image"], text, image_rank = image_threshold_for_false_reject(thresholds, image_false_reject)
+        rule.update(image=text, image_false_reject=image_false_reject,
+                    image_promised_false_reject=image_rank["promised"] if image_rank else None,
+                    image_target_widened=bool(image_rank and image_rank["widened"]))
         rules.append(f"--image-false-reject {image_false_reject:g}: {text}")
     if image is not None:
         if not math.isfinite(image):
             raise ThresholdError(f"--image-threshold: must be a finite number, got {image}")
         new["image"] = float(image)
-        rule.update(image="set by hand (edgestad thresholds --image-threshold)", image_false_reject=None)
+        rule.update(image="set by hand (edgestad thresholds --image-threshold)", image_false_reject=None,
+                    image_promised_false_reject=None, image_target_widened=False)
         rules.append(f"--image-threshold {image:g}: set by hand")
+    if defects is not None:
+        try:
+            found = recall_threshold(defects, recall, rule.get("validation_scores"))
+        except ImageThresholdError as exc:
+            raise ThresholdError(str(exc)) from None
+        new["image"] = found["threshold"]
+        rule.update(image=found["rule"], image_false_reject=None,
+                    image_promised_false_reject=found.get("expected_good_ng"),
+                    image_target_widened=False, defects={
+                        k: found[k] for k in ("defects", "caught", "recall", "validation_good_ng",
+                                              "expected_good_ng") if k in found})
+        rules.append(f"--defects ({len(defects)} images) --recall {recall:g}: {found['rule']}")
+    if review_false_reject is not None:
+        min_k = image_rank["k"] + 1 if image_rank else 1
+        new["image_review"], text, _ = image_threshold_for_false_reject(
+            thresholds, review_false_reject, "--review-false-reject", min_k=min_k)
+        rule.update(image_review=text, review_false_reject=review_false_reject)
+        rules.append(f"--review-false-reject {review_false_reject:g}: {text}")
+    if review is not None:
+        if not math.isfinite(review):
+            raise ThresholdError(f"--review-threshold: must be a finite number, got {review}")
+        new["image_review"] = float(review)
+        rule.update(image_review="set by hand (edgestad thresholds --review-threshold)",
+                    review_false_reject=None)
+        rules.append(f"--review-threshold {review:g}: set by hand")
+    if no_review and new.get("image_review") is not None:
+        # None, not a deleted key: manifest updates merge, so a key is ended by null
+        new["image_review"] = None
+        for key in ("image_review", "review_false_reject", "review_promised_false_reject"):
+            if key in rule:
+                rule[key] = None
+        rules.append("--no-review: REVIEW band removed")
+    if new.get("image_review") is not None and not new["image_review"] < new["image"]:
+        raise ThresholdError(f"--review-threshold: the REVIEW threshold {new['image_review']:g} "
+                             f"must be below the image (NG) threshold {new['image']:g}")
     return new, rules
 
 
 def change_thresholds(bundle_path, *, pixel_fpr: float | None = None,
                       image_false_reject: float | None = None, pixel: float | None = None,
-                      image: float | None = None, reason: str | None = None,
-                      log: Callable[[str], None] = print) -> dict:
+                      image: float | None = None, review_false_reject: float | None = None,
+                      review: float | None = None, no_review: bool = False,
+                      defects_dir=None, recall: float = 0.95,
+                      reason: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Change the bundle's thresholds in place (see the module docstring); returns the history
     entry. The bundle must verify (files and decision digest) before anything is changed."""
     bundle = _directory_bundle(bundle_path, check_decisions=True)
     old = bundle.thresholds
     new, rules = new_thresholds(old, pixel_fpr=pixel_fpr, image_false_reject=image_false_reject,
-                                pixel=pixel, image=image)
-    entry = {"at": _now(), "by": _user(), "change": "thresholds",
-             "old": {"pixel": old.get("pixel"), "image": old.get("image")},
-             "new": {"pixel": new.get("pixel"), "image": new.get("image")}, "rule": "; ".join(rules)}
+                                pixel=pixel, image=image, review_false_reject=review_false_reject,
+                                review=review, no_review=no_review,
+                                defects=None if defects_dir is None else defect_scores(bundle, defects_dir),
+                                recall=recall)
+
+    def shown(t):
+        return {k: t.get(k) for k in ("pixel", "image", "image_review")
+                if k != "image_review" or t.get(k) is not None}
+    entry = {"at": _now(), "by": _user(), "change": "thresholds", "old": shown(old),
+             "new": shown(new), "rule": "; ".join(rules)}
     if reason:
         entry["reason"] = reason
     _rewrite(bundle, {"thresholds": new}, entry, log)
@@ -333,6 +421,12 @@ def describe(bundle: Bundle) -> str:
     lines = [f"bundle {bundle.path} ({m.get('method')})",
              f"  pixel threshold {thr.get('pixel')}  ({rule.get('pixel', '?')})",
              f"  image threshold {thr.get('image')}  ({rule.get('image', '?')})"]
+    if thr.get("image_review") is not None:
+        lines.append(f"  REVIEW above {thr['image_review']}  ({rule.get('image_review', '?')})")
+    if rule.get("image_promised_false_reject") is not None:
+        lines.append(f"  promised good parts NG: {rule['image_promised_false_reject']:.3g}"
+                     + (" (the target was widened: the validation set supports no lower rate)"
+                        if rule.get("image_target_widened") else ""))
     table = rule.get("validation_pixel_quantiles")
     if isinstance(table, Mapping) and table.get("fpr"):
         lines.append(f"  stored validation pixel quantiles: fpr {table['fpr'][0]:g} .. {table['fpr'][-1]:g} "

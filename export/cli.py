@@ -67,7 +67,8 @@ def export(bundle, precisions, opset, batch, max_batch, calibration_images, cali
     BUNDLE defaults to $EDGESTAD_BUNDLE or `bundle = "..."` in ./edgestad.toml.
 
     Graph I/O: input `images` uint8 N x 3 x H x W, RGB, 0..255 (N dynamic); outputs `anomaly_map`
-    float32 N x 1 x H x W and `image_score` float32 N (max of the map).
+    float32 N x 1 x H x W and `image_score` float32 N (the bundle's image-score rule: the map
+    score, fused with the global score where the method's global branch is on).
     """
     from edgestad.bundle import BundleError, default_bundle_path
 

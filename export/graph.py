@@ -4,7 +4,8 @@ Every graph export writes has the same I/O, whatever its precision:
 
 - input ``images``: uint8, N x 3 x H x W, RGB, values 0..255 (N dynamic, named "batch"; H, W the
   bundle's ``input.height`` / ``input.width``, static). Casting, /255 and mean/std are inside.
-- outputs ``anomaly_map``: float32 N x 1 x H x W, and ``image_score``: float32 N (max of the map).
+- outputs ``anomaly_map``: float32 N x 1 x H x W, and ``image_score``: float32 N (the bundle's
+  image-score rule, ``image_score`` in the manifest).
 
 This module needs only ``onnx`` (no torch), so a Jetson that reuses a bundle's graphs to build an
 engine does not need the training stack.

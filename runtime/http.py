@@ -107,6 +107,7 @@ def metric_families(snap: dict) -> list[tuple[str, str, str, list[tuple[dict, fl
         ("edgestad_frames_bad", "counter", "Unusable frames (empty, wrong size or channels, unreadable)",
          [({}, snap["frames_bad"])]),
         ("edgestad_ng", "counter", "Frames judged NG", [({}, snap["ng_count"])]),
+        ("edgestad_review", "counter", "Frames in the REVIEW band", [({}, snap.get("review_count", 0))]),
         ("edgestad_source_reconnects", "counter", "Successful source reconnects", [({}, snap["reconnects"])]),
         ("edgestad_source_losses", "counter", "Times the source was lost", [({}, snap["source_losses"])]),
         ("edgestad_inference_errors", "counter", "Failed inference calls", [({}, snap["inference_errors"])]),
@@ -193,12 +194,13 @@ _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>edgestad</tit
 <style>body{{font-family:sans-serif;margin:1em;background:#111;color:#eee}}img{{max-width:100%}}
 pre{{background:#222;padding:.5em}}</style></head><body>
 <h1>edgestad</h1><p>{source} &middot; {backend}</p>
-<p>OK <b id="ok">-</b> &middot; NG <b id="ng">-</b></p>
+<p>OK <b id="ok">-</b> &middot; REVIEW <b id="rv">-</b> &middot; NG <b id="ng">-</b></p>
 <img id="stream" src="/stream.mjpg" alt="overlay stream">
 <p><a href="/status">/status</a> &middot; <a href="/metrics">/metrics</a></p>
 <pre id="s"></pre>
 <script>setInterval(()=>fetch('/status').then(r=>r.json()).then(j=>{{
-document.getElementById('ok').textContent=j.frames_processed-j.ng_count;
+document.getElementById('ok').textContent=j.frames_processed-j.ng_count-(j.review_count||0);
+document.getElementById('rv').textContent=j.review_count||0;
 document.getElementById('ng').textContent=j.ng_count;
 document.getElementById('s').textContent=JSON.stringify({{fps:j.fps_recent,latency_ms:j.latency_ms,
 frames:j.frames_processed,ng:j.ng_count,dropped:j.frames_dropped,reconnects:j.reconnects}},null,1)}}),1000)</script>

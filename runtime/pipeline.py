@@ -27,7 +27,7 @@ from .backends import Backend
 from .errors import EXIT_MODEL, BackendError, FrameError, RuntimeFailure
 from .notify import SystemdNotifier, WatchdogFeeder
 from .preprocess import Preprocessor
-from .results import FrameResult, Thresholds, find_regions
+from .results import FrameResult, Region, Thresholds, find_regions
 from .sinks import Sink, lifecycle_event
 from .sources import (
     Backoff,
@@ -67,6 +67,7 @@ class RunSummary:
     elapsed_s: float
     fps: float
     stopped_by_signal: bool
+    review_count: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,6 +153,7 @@ class Pipeline:
         self.window = LatencyWindow()
         self.frames_processed = 0
         self.ng_count = 0
+        self.review_count = 0
         self.inference_errors = 0
         self.sink_errors = 0
         self.sink_failures: dict[str, int] = collections.Counter()
@@ -208,7 +210,9 @@ class Pipeline:
         self._output_thread.start()
         self._emit(lifecycle_event("start", source=self.spec.describe(), backend=self.backend.name,
                                    precision=getattr(self.backend, "precision", ""), **self.model_info,
-                                   image_threshold=self.thresholds.image, pixel_threshold=self.thresholds.pixel))
+                                   image_threshold=self.thresholds.image, pixel_threshold=self.thresholds.pixel,
+                                   **({"review_threshold": self.thresholds.review}
+                                      if self.thresholds.review is not None else {})))
         self.notifier.ready(f"started: {self.spec.describe()} on {self.backend.name}")
         if self.watchdog is not None:
             self.watchdog.start()
@@ -291,7 +295,9 @@ class Pipeline:
     def _infer(self, item: Captured) -> FrameResult:
         frame = item.frame
         t0 = time.monotonic()
-        box = self.preprocessor.valid_box(frame.image.shape[:2])
+        roi = self.preprocessor.spec.roi
+        seen_hw = frame.image.shape[:2] if roi is None else (roi[3], roi[2])
+        box = self.preprocessor.valid_box(seen_hw)
         maps, scores = self.backend.infer(item.tensor[None], None if box is None else box[None])
         t1 = time.monotonic()
         amap = maps[0]
@@ -300,16 +306,23 @@ class Pipeline:
             amap = amap[top:bottom, left:right]
         score = float(scores[0])
         h, w = frame.image.shape[:2]
-        regions, total = find_regions(amap, self.thresholds.pixel, (w, h), self.min_region_area, self.max_regions)
-        is_ng = score > self.thresholds.image
+        regions, total = find_regions(amap, self.thresholds.pixel, (seen_hw[1], seen_hw[0]),
+                                      self.min_region_area, self.max_regions)
+        if roi is not None:   # region boxes in frame pixels
+            regions = [Region(r.area, (r.bbox[0] + roi[0], r.bbox[1] + roi[1], *r.bbox[2:]),
+                              r.max_score) for r in regions]
+        decision = self.thresholds.decide(score)
+        is_ng = decision == "ng"
         result = FrameResult(
             index=frame.index, name=frame.name, capture_time=frame.capture_time,
             capture_monotonic=frame.capture_monotonic, inference_start=t0, inference_end=t1,
             result_time=time.time(), score=score, is_ng=is_ng, regions=regions, regions_total=total,
             anomaly_map=amap, frame=frame.image, frame_color=frame.color, frame_size=(w, h),
+            is_review=decision == "review", roi=None if roi is None else tuple(roi),
         )
         self.frames_processed += 1
         self.ng_count += int(is_ng)
+        self.review_count += int(decision == "review")
         self.window.add(result.latency_ms, result.inference_ms, t1)
         self.last_result_time = t1
         self.last_result = result
@@ -366,6 +379,7 @@ class Pipeline:
             elapsed_s=round(elapsed, 3),
             fps=round(self.frames_processed / elapsed, 3) if elapsed > 0 else 0.0,
             stopped_by_signal=self.stopped_by_signal,
+            review_count=self.review_count,
         )
 
     def snapshot(self) -> dict:

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgestad.data import (LETTERBOX_PAD_VALUE, DataError, letterbox_geometry, letterbox_image,
-                           resize_image, to_rgb_uint8)
+from edgestad.data import (LETTERBOX_PAD_VALUE, DataError, crop_roi, letterbox_geometry,
+                           letterbox_image, parse_roi, resize_image, to_rgb_uint8)
 
 from .errors import BackendError, FrameError
 
@@ -33,6 +33,7 @@ class InputSpec:
     layout: str = "NCHW"
     dtype: str = "uint8"
     resize: str = "area_or_linear"
+    roi: tuple[int, int, int, int] | None = None  # x, y, w, h of the frame the model sees
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any], source: str = "manifest.json") -> "InputSpec":
@@ -48,8 +49,9 @@ class InputSpec:
                 layout=str(section.get("layout", "NCHW")),
                 dtype=str(section.get("dtype", "uint8")),
                 resize=str(section.get("resize", "area_or_linear")),
+                roi=parse_roi(section.get("roi"), "input.roi"),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, DataError) as exc:
             raise BackendError(f"{source}: bad 'input' section {dict(section)!r}: {exc}") from None
         # Refuse what this runtime would silently get wrong rather than guess.
         problems = []
@@ -81,6 +83,17 @@ class Preprocessor:
         self.spec = spec
         self.size_hw = (spec.height, spec.width)
         self.frame_size = tuple(frame_size) if frame_size else None
+
+    def roi_frame(self, frame: np.ndarray, source: str = "frame") -> np.ndarray:
+        """The part of the frame the model sees: the bundle's region of interest (or all)."""
+        try:
+            return crop_roi(frame, self.spec.roi, source)
+        except DataError as exc:
+            raise FrameError(str(exc)) from None
+
+    def roi_offset(self) -> tuple[int, int]:
+        """(x, y) of the region of interest in the frame."""
+        return (0, 0) if self.spec.roi is None else (self.spec.roi[0], self.spec.roi[1])
 
     def validate(self, frame: np.ndarray, source: str = "frame") -> None:
         if not isinstance(frame, np.ndarray):
@@ -115,8 +128,9 @@ class Preprocessor:
         return np.array([top, left, top + nh, left + nw], dtype=np.float32)
 
     def __call__(self, frame: np.ndarray, color: str = "BGR", source: str = "frame") -> np.ndarray:
-        """One frame -> contiguous uint8 array (3, H, W), RGB."""
+        """One frame -> contiguous uint8 array (3, H, W), RGB (its region of interest, if any)."""
         self.validate(frame, source)
+        frame = self.roi_frame(frame, source)
         if self.letterbox:
             try:
                 rgb = frame if color == "RGB" and frame.ndim == 3 and frame.shape[2] == 3 \

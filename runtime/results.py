@@ -17,6 +17,15 @@ from .errors import BackendError
 class Thresholds:
     pixel: float
     image: float
+    review: float | None = None  # REVIEW band: scores in (review, image] need a person's look
+
+    def decide(self, score: float) -> str:
+        """"ng" above the image threshold, "review" inside the band, else "ok"."""
+        if score > self.image:
+            return "ng"
+        if self.review is not None and score > self.review:
+            return "review"
+        return "ok"
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any], pixel: float | None = None, image: float | None = None,
@@ -32,7 +41,21 @@ class Thresholds:
             ) from None
         if not (np.isfinite(p) and np.isfinite(i)):
             raise BackendError(f"{source}: thresholds must be finite numbers, got pixel={p}, image={i}")
-        return cls(pixel=p, image=i)
+        review = section.get("image_review")
+        if review is not None:
+            try:
+                review = float(review)
+            except (TypeError, ValueError):
+                review = float("nan")
+            if not np.isfinite(review):
+                raise BackendError(f"{source}: thresholds.image_review must be a finite number, "
+                                   f"got {section.get('image_review')!r}")
+            if review >= i:
+                if image is None:
+                    raise BackendError(f"{source}: thresholds.image_review {review} must be below "
+                                       f"thresholds.image {i}")
+                review = None   # an --image-threshold override at or below the band ends the band
+        return cls(pixel=p, image=i, review=review)
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,17 @@ class FrameResult:
     frame: np.ndarray | None = field(default=None, repr=False)  # the captured image
     frame_color: str = "BGR"
     frame_size: tuple[int, int] = (0, 0)  # (width, height) of the captured image
+    is_review: bool = False  # inside the bundle's REVIEW band (never together with is_ng)
+    roi: tuple[int, int, int, int] | None = None  # x, y, w, h of the frame the map covers (None: all)
+
+    @property
+    def decision(self) -> str:
+        return "ng" if self.is_ng else "review" if self.is_review else "ok"
+
+    @property
+    def flagged(self) -> bool:
+        """NG or REVIEW: a part someone must act on (sinks report these)."""
+        return self.is_ng or self.is_review
 
     @property
     def latency_ms(self) -> float:
@@ -76,13 +110,14 @@ class FrameResult:
 
     def to_event(self) -> dict:
         return {
-            "event": "ng" if self.is_ng else "ok",
+            "event": self.decision,
             "time": iso_time(self.result_time),
             "capture_time": iso_time(self.capture_time),
             "frame": self.index,
             **({"name": self.name} if self.name else {}),
             "score": round(float(self.score), 6),
             "is_ng": bool(self.is_ng),
+            "decision": self.decision.upper(),
             "latency_ms": round(self.latency_ms, 3),
             "inference_ms": round(self.inference_ms, 3),
             "frame_size": list(self.frame_size),
@@ -156,13 +191,22 @@ def render_overlay(result: FrameResult, thresholds: Thresholds, alpha: float = 0
     top = 2.0 * thresholds.pixel if thresholds.pixel > 0 else float(max(amap.max(), 1e-6))
     norm = np.clip(amap / top, 0.0, 1.0)
     heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
-    out = cv2.addWeighted(base, 1.0 - alpha, heat, alpha, 0.0)
-    color = (0, 0, 255) if result.is_ng else (0, 200, 0)
-    for r in result.regions:
-        x, y, bw, bh = r.bbox
-        cv2.rectangle(out, (x, y), (x + bw - 1, y + bh - 1), (0, 0, 255), 2)
-    label = f"{'NG' if result.is_ng else 'OK'}  score {result.score:.3f}  {result.latency_ms:.0f} ms"
+    if result.roi is None:
+        heat = cv2.resize(heat, (w, h), interpolation=cv2.INTER_LINEAR)
+        out = cv2.addWeighted(base, 1.0 - alpha, heat, alpha, 0.0)
+    else:   # the map covers the region of interest only: blend it there, outline the region
+        rx, ry, rw, rh = result.roi
+        out = base.copy()
+        heat = cv2.resize(heat, (rw, rh), interpolation=cv2.INTER_LINEAR)
+        out[ry:ry + rh, rx:rx + rw] = cv2.addWeighted(base[ry:ry + rh, rx:rx + rw], 1.0 - alpha,
+                                                      heat, alpha, 0.0)
+        cv2.rectangle(out, (rx, ry), (rx + rw - 1, ry + rh - 1), (200, 200, 200), 1)
+    color = {"ng": (0, 0, 255), "review": (0, 165, 255)}.get(result.decision, (0, 200, 0))
+    if result.flagged:   # regions only on parts judged NG / REVIEW: never red boxes on an OK part
+        for r in result.regions:
+            x, y, bw, bh = r.bbox
+            cv2.rectangle(out, (x, y), (x + bw - 1, y + bh - 1), color, 2)
+    label = f"{result.decision.upper()}  score {result.score:.3f}  {result.latency_ms:.0f} ms"
     scale = max(0.5, min(w, h) / 640)
     cv2.putText(out, label, (8, int(28 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * scale, (0, 0, 0), 4, cv2.LINE_AA)
     cv2.putText(out, label, (8, int(28 * scale)), cv2.FONT_HERSHEY_SIMPLEX, 0.8 * scale, color, 2, cv2.LINE_AA)

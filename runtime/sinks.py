@@ -115,7 +115,7 @@ class EventLog(Sink):
             self.lines += 1
 
     def handle(self, result: FrameResult) -> None:
-        if result.is_ng or self.all_frames:
+        if result.flagged or self.all_frames:
             self.write(result.to_event())
 
     def event(self, record: dict) -> None:
@@ -193,7 +193,7 @@ class NgSaver(Sink):
         return sum(s.size for s in self._sets.values())
 
     def handle(self, result: FrameResult) -> None:
-        if not result.is_ng:
+        if not result.flagged:
             return
         t = time.gmtime(result.capture_time)
         millis = int((result.capture_time % 1) * 1000)
@@ -273,7 +273,7 @@ class _BackgroundSender(Sink):
         self._thread.start()
 
     def handle(self, result: FrameResult) -> None:
-        if result.is_ng:
+        if result.flagged:
             self._offer(result.to_event())
 
     def _offer(self, record: dict) -> None:
@@ -440,7 +440,7 @@ class WebhookSink(Sink):
         self._thread.start()
 
     def handle(self, result: FrameResult) -> None:
-        if result.is_ng:
+        if result.flagged:
             self.offer(result.to_event())
 
     def offer(self, record: dict) -> None:

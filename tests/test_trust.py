@@ -379,3 +379,67 @@ def test_signature_survives_packing(tmp_path):
     assert trust.verify_signature(loaded, public)
     with pytest.raises(BundleError):
         trust.load_private_key(public)
+
+
+# ------------------------------------------------------------------------------ the review band
+
+
+def _rank_rule(n: int = 20) -> dict:
+    """Thresholds as the current train/calibrate.py writes them (validation scores stored)."""
+    thresholds, _, _ = _validation_rule()
+    scores = sorted(float(v) for v in np.linspace(0.30, 0.60, n))
+    thresholds["rule"].update(validation_scores=scores, validation_images=n)
+    thresholds["image"] = scores[-1]
+    return thresholds
+
+
+def test_image_false_reject_uses_the_stored_scores_and_widens_what_n_cannot_support(tmp_path):
+    bundle = make_bundle(tmp_path / "b", thresholds=_rank_rule(20))
+    r = CliRunner().invoke(main, ["thresholds", str(bundle), "--image-false-reject", "0.2",
+                                  "--review-false-reject", "0.45"])
+    assert r.exit_code == 0, r.output
+    thr = load_bundle(bundle).thresholds
+    scores = thr["rule"]["validation_scores"]
+    assert thr["image"] == scores[-4]             # k = floor(0.2 * 21) = 4
+    assert thr["image_review"] == scores[-9]      # k = floor(0.45 * 21) = 9
+    assert thr["rule"]["image_promised_false_reject"] == pytest.approx(4 / 21)
+    r = CliRunner().invoke(main, ["thresholds", str(bundle), "--image-false-reject", "0.01"])
+    assert r.exit_code == 0, r.output
+    thr = load_bundle(bundle).thresholds
+    assert thr["image"] == scores[-1] and thr["rule"]["image_target_widened"]
+    assert "widened" in r.output
+    r = CliRunner().invoke(main, ["thresholds", str(bundle), "--show"])
+    assert "REVIEW above" in r.output and "promised good parts NG: 0.0476" in r.output
+
+
+def test_review_band_reaches_graphs_events_and_can_be_removed(tmp_path):
+    bundle = make_bundle(tmp_path / "b")
+    # toy score = brightest pixel: spot frames ~0.98, the others below 0.5
+    r = CliRunner().invoke(main, ["thresholds", str(bundle), "--image-threshold", "0.99",
+                                  "--review-threshold", "0.5", "--reason", "look at bright parts"])
+    assert r.exit_code == 0, r.output
+    b = load_bundle(bundle)
+    assert b.thresholds["image_review"] == 0.5
+    assert json.loads(graph_meta.read_metadata((bundle / "model.onnx").read_bytes())["thresholds"]) \
+        == b.thresholds
+    assert b.manifest["thresholds_history"][-1]["new"]["image_review"] == 0.5
+    folder = write_folder(tmp_path / "frames", 6)          # frames 0 and 3 have the spot
+    events = tmp_path / "events"
+    result = _run(bundle, folder, "--events", str(events))
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (events / "events.jsonl").read_text().splitlines()]
+    parts = [e for e in lines if e["event"] in ("ok", "ng", "review")]
+    assert [(e["frame"], e["event"], e["decision"]) for e in parts] == [
+        (0, "review", "REVIEW"), (3, "review", "REVIEW")]
+    start = next(e for e in lines if e["event"] == "start")
+    assert start["review_threshold"] == 0.5
+    stop = next(e for e in lines if e["event"] == "stop")
+    assert stop["review_count"] == 2 and stop["ng_count"] == 0
+    # a REVIEW threshold must lie below the NG one; --no-review removes the band
+    line = _one_error_line(CliRunner().invoke(main, ["thresholds", str(bundle), "--review-threshold",
+                                                     "0.995"]), 2)
+    assert "--review-threshold" in line and load_bundle(bundle).thresholds["image_review"] == 0.5
+    r = CliRunner().invoke(main, ["thresholds", str(bundle), "--no-review"])
+    assert r.exit_code == 0, r.output
+    assert load_bundle(bundle).thresholds["image_review"] is None      # ended (null)
+    assert _run(bundle, folder).exit_code == 0

@@ -3,19 +3,18 @@
 pixel: the (1 − pixel_fpr) quantile of all valid validation pixels: a pixel false-positive rate
 of ``pixel_fpr`` on good parts.
 
-image: a false-reject target fitted to the validation image scores. The scores of good parts are
-modelled as a normal distribution (mean and standard deviation of the validation scores) and the
-threshold is its (1 − false_reject) quantile, μ + z·σ. Unlike "the largest validation score",
-it does not sit on one extreme value of a few dozen images, and the target says what it means:
-the share of good parts expected to be rejected. ``false_reject = 0`` keeps the old rule (the
-largest validation score).
+image: the k-th largest validation image score for a false-reject target α, k = ⌊α(n+1)⌋
+(``edgestad.image_threshold``: the rule, what n images can promise, and why a target below
+1/(n+1) is widened loudly). The validation scores are stored so that ``edgestad thresholds`` can
+move the threshold without retraining. ``review_false_reject`` adds a review band: a lower image
+threshold at that larger rate (scores between the two are REVIEW).
 """
 from __future__ import annotations
 
-from statistics import NormalDist
-
 import numpy as np
 import torch
+
+from edgestad.image_threshold import rank_threshold, widened_warning
 
 
 @torch.no_grad()
@@ -48,7 +47,8 @@ PIXEL_FPR_GRID = tuple(float(f"{m}e{e}") for e in range(-5, 0) for m in (1, 2, 3
 
 
 def fit_thresholds(val_maps: np.ndarray, val_scores: np.ndarray, pixel_fpr: float = 0.001,
-                   image_false_reject: float = 0.01, boxes: np.ndarray | None = None) -> dict:
+                   image_false_reject: float = 0.01, boxes: np.ndarray | None = None,
+                   review_false_reject: float | None = None) -> dict:
     pixels = valid_pixels(val_maps, boxes)
     pixel = float(np.quantile(pixels, 1.0 - pixel_fpr))
     fprs = sorted(set(PIXEL_FPR_GRID) | {float(pixel_fpr)})
@@ -56,19 +56,25 @@ def fit_thresholds(val_maps: np.ndarray, val_scores: np.ndarray, pixel_fpr: floa
                  "pixels": int(pixels.size)}
     scores = np.asarray(val_scores, dtype=np.float64)
     mu, sigma = float(scores.mean()), float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
-    if image_false_reject > 0:
-        z = NormalDist().inv_cdf(1.0 - image_false_reject)
-        image = mu + z * sigma
-        image_rule = (f"normal fit to validation good image scores: mean + {z:.3f}·std "
-                      f"(false-reject target {image_false_reject:g})")
-    else:
-        image, z = float(scores.max()), None
-        image_rule = "largest validation good image score"
-    return {"pixel": pixel, "image": float(image),
-            "rule": {"pixel": f"quantile {1 - pixel_fpr:g} of validation good pixels",
-                     "pixel_fpr": pixel_fpr, "image": image_rule,
-                     "image_false_reject": image_false_reject,
-                     "validation_score_mean": mu, "validation_score_std": sigma,
-                     "validation_score_max": float(scores.max()),
-                     "validation_images": int(len(scores)),
-                     "validation_pixel_quantiles": quantiles}}
+    image = rank_threshold(scores, image_false_reject)
+    out = {"pixel": pixel, "image": float(image["threshold"]),
+           "rule": {"pixel": f"quantile {1 - pixel_fpr:g} of validation good pixels",
+                    "pixel_fpr": pixel_fpr, "image": image["rule"],
+                    "image_false_reject": image_false_reject,
+                    "image_promised_false_reject": image["promised"],
+                    "image_target_widened": image["widened"],
+                    "validation_score_mean": mu, "validation_score_std": sigma,
+                    "validation_score_max": float(scores.max()),
+                    "validation_scores": sorted(float(v) for v in scores),
+                    "validation_images": int(len(scores)),
+                    "validation_pixel_quantiles": quantiles}}
+    out["warnings"] = [w for w in [widened_warning(image)] if w]
+    if review_false_reject is not None:
+        # the band starts at least one rank below the NG threshold
+        review = rank_threshold(scores, review_false_reject, "--review-false-reject",
+                                min_k=image["k"] + 1)
+        out["image_review"] = float(review["threshold"])
+        out["rule"].update(image_review=review["rule"], review_false_reject=review_false_reject,
+                           review_promised_false_reject=review["promised"])
+        out["warnings"] += [w for w in [widened_warning(review, "--review-false-reject")] if w]
+    return out

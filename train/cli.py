@@ -114,13 +114,32 @@ def _usage(option: str, message: str):
               help="uninformed_students: train on random crops of this side.")
 @click.option("--teacher", "teachers", multiple=True, type=click.Path(dir_okay=False),
               help="uninformed_students: a teacher file from pretrain-teacher (repeat per scale).")
+@click.option("--defects", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A folder of a few real defective images: the image threshold is set so that "
+              "--recall of them are NG, and the expected share of good parts NG is reported "
+              "(instead of --image-false-reject).")
+@click.option("--recall", type=float, default=0.95, show_default=True,
+              help="With --defects: the share of the defective images that must be NG.")
+@click.option("--roi", default=None, metavar="X,Y,W,H",
+              help="Region of interest in the source images' pixels: every image (training, "
+              "evaluate, the runtime's frames) is cropped to it before the resize rule. "
+              "`edgestad roi DATA` proposes one from the training images.")
+@click.option("--augment", type=click.Choice(["auto", "none", "flip", "rotate"]), default=None,
+              help="Training augmentation (stfpm, resnet_students): rotate = random 90° turns and "
+              "flips, for parts that lie at any angle; auto (default) = rotate when the training "
+              "images show varied orientations, else none (resnet_students: flip).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Share of good images held out for score statistics and thresholds.")
 @click.option("--pixel-fpr", type=float, default=0.001, show_default=True,
               help="Pixel threshold: this false-positive rate on validation good pixels.")
 @click.option("--image-false-reject", type=float, default=0.01, show_default=True,
-              help="Image threshold: the share of good parts expected NG, from a normal fit to "
-              "the validation good image scores (0 = the largest validation score).")
+              help="Image threshold: the share of good parts expected NG; the threshold is the "
+              "k-th largest validation good score, k = floor(rate·(n+1)). n validation images "
+              "support no rate below 1/(n+1): a lower target is widened to it, with a warning "
+              "(0 = the largest validation score).")
+@click.option("--review-false-reject", type=float, default=None,
+              help="Add a REVIEW band: a second, lower image threshold at this larger share of "
+              "good parts (scores between the two are REVIEW, above the upper one NG).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-o", "--option", "extra", multiple=True, metavar="KEY=VALUE",
@@ -130,7 +149,8 @@ def _usage(option: str, message: str):
 @click.option("--force", is_flag=True, help="Replace a finished bundle at --out.")
 def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, lr, input_size,
           image_score, resize, preset, patch_sizes, num_students, dense_stride, crop_size, teachers,
-          val_fraction, pixel_fpr, image_false_reject, device, seed, extra, force):
+          defects, recall, roi, augment, val_fraction, pixel_fpr, image_false_reject, review_false_reject, device, seed,
+          extra, force):
     """Train a model on the good images of DATA (an MVTec category or a plain folder).
 
     Methods (--method):
@@ -172,6 +192,21 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
         _usage("--pixel-fpr", f"must be between 0 and 1, got {pixel_fpr}")
     if not 0 <= image_false_reject < 0.5:
         _usage("--image-false-reject", f"must be in [0, 0.5), got {image_false_reject}")
+    from edgestad.data import DataError, list_images, parse_roi
+    try:
+        roi = parse_roi(roi)
+    except DataError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not 0 < recall <= 1:
+        _usage("--recall", f"must be in (0, 1], got {recall}")
+    if defects is not None:
+        try:
+            list_images(defects)
+        except DataError as exc:
+            _usage("--defects", str(exc))
+    if review_false_reject is not None and not image_false_reject < review_false_reject < 0.5:
+        _usage("--review-false-reject", f"must be larger than --image-false-reject "
+               f"({image_false_reject:g}) and below 0.5, got {review_false_reject}")
     values = {"input_size": (input_size, input_size) if input_size else None,
               "image_score": image_score, "backbone": backbone,
               "resize": resize}
@@ -193,6 +228,10 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
             if "num_students" not in m.config_cls.__dataclass_fields__:
                 _usage("--students", f"not a setting of method {name}")
             values["num_students"] = num_students
+    if augment is not None and "augment" not in m.option_names:
+        _usage("--augment", f"not an option of method {name}")
+    if "augment" in m.option_names:
+        options["augment"] = augment or "auto"
     if backbone_weights:
         if "backbone_weights" not in m.option_names:
             _usage("--backbone-weights", f"not an option of method {name}")
@@ -222,7 +261,9 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
     except (MethodConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
-                             pixel_fpr=pixel_fpr, image_false_reject=image_false_reject, seed=seed,
+                             pixel_fpr=pixel_fpr, image_false_reject=image_false_reject,
+                             review_false_reject=review_false_reject, roi=roi, seed=seed,
+                             defects=str(defects) if defects else None, recall=recall,
                              options={k: v for k, v in options.items() if v not in (None, ())})
     try:
         path = train_bundle(data, bundle, name, config, settings, device=_device(device), force=force,

@@ -25,9 +25,11 @@ from edgestad.bundle import MANIFEST_NAME, write_bundle
 from edgestad.data import aspect_ratios_vary, fingerprint, good_images, load_images, split_train_val
 from edgestad.data import LETTERBOX_PAD_VALUE
 from edgestad.methods import get_method
-from edgestad.methods.base import FitContext, TrainSettings
+from edgestad.methods.base import FitContext, TrainSettings, nchw
+from edgestad.methods.common.global_score import fit_global_branch
 from edgestad.methods.common.scoring import describe_image_score
 
+from .augment import choose_augmentation
 from .calibrate import fit_thresholds, predict
 
 
@@ -94,16 +96,26 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
 
     paths = good_images(data)
     train_paths, val_paths = split_train_val(paths, settings.val_fraction, settings.seed)
+    roi = settings.roi
     if getattr(config, "resize", "area_or_linear") == "auto":
-        rule = "letterbox" if aspect_ratios_vary(paths) else "area_or_linear"
+        # a region of interest gives every image the same aspect ratio
+        rule = "letterbox" if roi is None and aspect_ratios_vary(paths) else "area_or_linear"
         config = config.replace(resize=rule)
         echo(f"resize: {rule} (the training images' aspect ratios "
              f"{'differ' if rule == 'letterbox' else 'agree'})")
     size = tuple(config.input_size)
-    train_images = load_images(train_paths, size, progress=progress, resize=config.resize)
+    train_images, train_boxes = load_images(train_paths, size, progress=progress,
+                                            resize=config.resize, with_boxes=True, roi=roi)
     val_images, val_boxes = load_images(val_paths, size, progress=progress, resize=config.resize,
-                                        with_boxes=True)
+                                        with_boxes=True, roi=roi)
 
+    augment_choice = None
+    if settings.options.get("augment") == "auto":
+        chosen, why = choose_augmentation(train_images, train_boxes if config.resize == "letterbox" else None,
+                                          otherwise=method.defaults.get("augment", "none"))
+        settings.options["augment"] = chosen
+        augment_choice = {"augment": chosen, "why": why}
+        echo(f"augment: {chosen} ({why})")
     config = method.prepare(config, settings.options)
     torch.manual_seed(settings.seed)
     model = method.build(config)
@@ -114,7 +126,7 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
     work.mkdir(parents=True, exist_ok=True)
     _check_same_run(work / "settings.json", checkpoint, data, method.name, epochs_free={
         "batch_size": batch_size, "lr": lr, "seed": settings.seed,
-        "val_fraction": settings.val_fraction})
+        "val_fraction": settings.val_fraction, "roi": list(roi) if roi else None})
     (work / "settings.json").write_text(json.dumps(
         {"data": str(data), "method": method.name, "config": config.to_dict(),
          "settings": {**settings.__dict__, "epochs": epochs, "batch_size": batch_size, "lr": lr}},
@@ -127,9 +139,32 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
     val = torch.from_numpy(val_images).permute(0, 3, 1, 2)
     boxes = torch.from_numpy(val_boxes) if model.takes_valid_box else None
     score_stats = method.calibrate(model, val, boxes, device)
+    global_branch = None
+    if getattr(model, "has_global_branch", False):
+        # training images for the Gaussian, validation images for the fusion's normalisation
+        global_branch = fit_global_branch(
+            model, nchw(train_images), torch.from_numpy(train_boxes) if boxes is not None else None,
+            val, boxes, device)
     val_maps, val_scores = predict(model, val, device, boxes=boxes)
     thresholds = fit_thresholds(val_maps, val_scores, settings.pixel_fpr,
-                                settings.image_false_reject, boxes=val_boxes)
+                                settings.image_false_reject, boxes=val_boxes,
+                                review_false_reject=settings.review_false_reject)
+    warnings = thresholds.pop("warnings")
+    if settings.defects:
+        # a few real defects: the image threshold for a recall target, its cost from the
+        # validation goods (the same rule as `edgestad thresholds --defects`)
+        from edgestad.data import list_images
+        from edgestad.trust import new_thresholds
+        d_images, d_boxes = load_images(list_images(settings.defects), size, resize=config.resize,
+                                        with_boxes=True, roi=roi)
+        _, d_scores = predict(model, nchw(d_images), device,
+                              boxes=torch.from_numpy(d_boxes) if boxes is not None else None)
+        thresholds, rules = new_thresholds(thresholds, defects=[float(v) for v in d_scores],
+                                           recall=settings.recall)
+        warnings = []   # the rank rule's target no longer sets the image threshold
+        echo(f"image threshold from {settings.defects}: {rules[-1]}")
+    for warning in warnings:
+        echo(warning)
     mean = model.input_mean.flatten().tolist()
     std = model.input_std.flatten().tolist()
     input_section = {"height": size[0], "width": size[1], "channels": 3, "color": "RGB",
@@ -137,15 +172,18 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
                      "resize": config.resize, "mean": mean, "std": std}
     if config.resize == "letterbox":
         input_section["pad_value"] = LETTERBOX_PAD_VALUE
+    if roi is not None:
+        input_section["roi"] = list(roi)     # x, y, w, h: cropped before the resize rule
     manifest = {
         "method": method.name,
         "method_config": config.to_dict(),
         "backbone": ctx.provenance.get("backbone") or {"name": method.backbone_of(config)},
         "input": input_section,
         "outputs": {"anomaly_map": "float32 N×1×H×W",
-                    "image_score": f"float32 N ({describe_image_score(config.image_score)})"},
+                    "image_score": f"float32 N ({describe_image_score(config)})"},
         "image_score": config.image_score,
         "score_stats": score_stats,
+        **({"global_branch": global_branch} if global_branch else {}),
         "thresholds": thresholds,
         "provenance": {
             "data": str(data.resolve()), "data_fingerprint": fingerprint(paths),
@@ -157,6 +195,7 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
                          "final_loss": history[-1]["loss"] if history else None,
                          "history": history[-50:]},
             **{k: v for k, v in ctx.provenance.items() if k != "backbone"},
+            **({"augment_auto": augment_choice} if augment_choice else {}),
             "torch": torch.__version__,
         },
     }

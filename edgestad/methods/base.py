@@ -72,6 +72,10 @@ class TrainSettings:
     val_fraction: float = 0.1
     pixel_fpr: float = 0.001
     image_false_reject: float = 0.01
+    review_false_reject: float | None = None      # a REVIEW band below the NG threshold
+    roi: tuple[int, int, int, int] | None = None  # region of interest x, y, w, h (source pixels)
+    defects: str | None = None                    # real defective images: image threshold by recall
+    recall: float = 0.95
     seed: int = 0
     options: dict = field(default_factory=dict)   # method-specific (teachers, crop size, ...)
 
@@ -124,8 +128,12 @@ class Method:
 
     def fp32_modules(self, config) -> tuple[str, ...]:
         """Module paths kept float32 in the fp16 / int8 graphs. Default: the map smoothing (its
-        input is the anomaly map, whose small values fp16 / int8 would flatten)."""
-        return ("map_smoothing",) if getattr(config, "map_sigma", 0) else ()
+        input is the anomaly map, whose small values fp16 / int8 would flatten) and the global
+        branch with the score fusion (a Mahalanobis distance: a matrix product of differences)."""
+        modules = ("map_smoothing",) if getattr(config, "map_sigma", 0) else ()
+        if getattr(config, "global_branch", False):
+            modules += ("global_gaussian", "score_fusion")
+        return modules
 
     def backbone_of(self, config) -> str:
         return getattr(config, "backbone", self.default_backbone)
@@ -159,11 +167,21 @@ def nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
 
 
+# Settings applied after training (map post-processing, the global branch fitted from frozen
+# teacher features, the image-score fusion): a resume ignores them.
+POST_TRAINING_SETTINGS = ("map_sigma", "global_branch", "global_levels", "score_fusion",
+                          "score_normalization")
+# State that training never changes: the frozen pretrained teacher(s), loaded before the epoch loop,
+# and the global branch, fitted after it. A checkpoint may lack it (written with other
+# post-training settings, e.g. before the global branch existed).
+FILLED_OUTSIDE_TRAINING = ("teacher.", "teacher1.", "global_gaussian.", "score_fusion.")
+
+
 def training_config(config) -> dict:
-    """The config as a resume checkpoint records and checks it: without ``map_sigma``, which only
-    post-processes the map (training does not depend on it, so changing it, or resuming a
-    checkpoint written before it existed, must not refuse the resume)."""
-    return {k: v for k, v in config.to_dict().items() if k != "map_sigma"}
+    """The config as a resume checkpoint records and checks it: without the settings that only
+    post-process the map or the score (training does not depend on them, so changing one, or
+    resuming a checkpoint written before it existed, must not refuse the resume)."""
+    return {k: v for k, v in config.to_dict().items() if k not in POST_TRAINING_SETTINGS}
 
 
 class EpochLoop:
@@ -181,7 +199,14 @@ class EpochLoop:
         path = ctx.checkpoint
         if path is not None and Path(path).exists():
             state = load_checkpoint(path, expect={"kind": kind, "config": config})
-            model.load_state_dict(state["model"])
+            result = model.load_state_dict(state["model"], strict=False)
+            trained = [k for k in result.missing_keys if not k.startswith(FILLED_OUTSIDE_TRAINING)]
+            if trained or result.unexpected_keys:
+                from edgestad.train.checkpoint import CheckpointMismatch
+                raise CheckpointMismatch(
+                    f"{path}: the checkpoint holds another model (missing "
+                    f"{trained[:3]}, unexpected {result.unexpected_keys[:3]}); use another output "
+                    f"folder or delete it to start over")
             for name, opt in optimizers.items():
                 opt.load_state_dict(state["optimizers"][name])
             generator.set_state(state["rng"])
@@ -199,11 +224,34 @@ class EpochLoop:
                 "rng": self.generator.get_state(), "epoch": epoch, "history": self.history})
 
 
+AUGMENTATIONS = ("none", "flip", "rotate")
+
+
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Training augmentation of a normalised batch, drawn from the loop's generator (so resume
+    stays exact): ``flip`` mirrors left-right at random; ``rotate`` also turns each image by a
+    random multiple of 90° (of 180° for non-square inputs), for parts that lie at any angle.
+    The teacher and the student see the same augmented image (the loss gets ``x``)."""
+    if kind == "none":
+        return x
+    if kind not in AUGMENTATIONS:
+        raise MethodConfigError(f"augment: must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
+    mirror = torch.rand(len(x), 1, 1, 1, generator=generator) < 0.5
+    x = torch.where(mirror.to(x.device), x.flip(-1), x)
+    if kind == "rotate":
+        square = x.shape[-1] == x.shape[-2]
+        turns = torch.randint(0, 4, (len(x),), generator=generator)
+        if not square:
+            turns = (turns // 2) * 2
+        x = torch.stack([torch.rot90(xi, int(k), dims=(-2, -1)) for xi, k in zip(x, turns)])
+    return x
+
+
 def train_epochs(model, data: torch.Tensor, ctx: FitContext, optimizers: dict, loss_of,
-                 desc: str = "training", flip: bool = False) -> list[dict]:
+                 desc: str = "training", augment: str = "none") -> list[dict]:
     """The resumable epoch loop the feature-matching methods share: shuffled batches of the
-    uint8 images, normalised (and randomly flipped left-right with ``flip``), ``loss_of(x)``,
-    one step of every optimizer; model, optimizers and RNG checkpointed after each epoch."""
+    uint8 images, normalised (and augmented, ``augment_batch``), ``loss_of(x)``, one step of
+    every optimizer; model, optimizers and RNG checkpointed after each epoch."""
     from tqdm.auto import tqdm
     device = torch.device(ctx.device)
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -217,10 +265,7 @@ def train_epochs(model, data: torch.Tensor, ctx: FitContext, optimizers: dict, l
         started, losses = time.time(), []
         order = torch.randperm(len(data), generator=generator)
         for batch in batches_of(data, ctx.batch_size, order):
-            x = model.normalize_input(batch.to(device))
-            if flip:
-                mirror = torch.rand(len(x), 1, 1, 1, generator=generator) < 0.5
-                x = torch.where(mirror.to(device), x.flip(-1), x)
+            x = augment_batch(model.normalize_input(batch.to(device)), augment, generator)
             loss = loss_of(x)
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)

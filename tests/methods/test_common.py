@@ -139,16 +139,40 @@ def test_map_to_eval_grid_crops_the_box_and_resamples():
     assert map_to_eval_grid(amap, [0, 0, 8, 8]) is amap
 
 
-def test_image_threshold_is_a_false_reject_target_on_a_normal_fit():
+def test_image_threshold_is_the_rank_the_validation_set_supports():
+    scores = np.arange(1.0, 100.0)             # n = 99 validation scores 1..99
+    maps = np.zeros((99, 4, 4), np.float32)
+    t = fit_thresholds(maps, scores, 0.001, 0.05)
+    # k = floor(0.05 * 100) = 5: the 5th largest, 95; promise k/(n+1) = 0.05
+    assert t["image"] == 95.0
+    assert t["rule"]["image_promised_false_reject"] == pytest.approx(0.05)
+    assert not t["rule"]["image_target_widened"] and t["warnings"] == []
+    assert t["rule"]["validation_scores"] == sorted(scores.tolist())
+    assert fit_thresholds(maps, scores, 0.001, 0.0)["image"] == 99.0
+
+
+def test_image_threshold_below_what_n_images_support_is_widened_loudly():
     rng = np.random.default_rng(0)
-    scores = rng.normal(10.0, 2.0, 40)
-    scores[0] = 50.0                           # one extreme good image
-    maps = np.zeros((40, 4, 4), np.float32)
-    t = fit_thresholds(maps, scores, 0.001, 0.01)
-    mu, sd = scores.mean(), scores.std(ddof=1)
-    assert t["image"] == pytest.approx(mu + 2.3263478740 * sd)
-    assert t["image"] < 50.0                   # does not sit on the single largest value
-    assert fit_thresholds(maps, scores, 0.001, 0.0)["image"] == 50.0
+    scores = rng.normal(10.0, 2.0, 21)
+    maps = np.zeros((21, 4, 4), np.float32)
+    t = fit_thresholds(maps, scores, 0.001, 0.01)  # 1 % < 1/22
+    assert t["image"] == scores.max()
+    assert t["rule"]["image_target_widened"]
+    assert t["rule"]["image_promised_false_reject"] == pytest.approx(1 / 22)
+    assert len(t["warnings"]) == 1 and "21 validation good images" in t["warnings"][0]
+    assert "0.0455" in t["warnings"][0]
+
+
+def test_review_band_lies_at_least_one_rank_below_the_ng_threshold():
+    scores = np.arange(1.0, 21.0)              # n = 20
+    maps = np.zeros((20, 4, 4), np.float32)
+    t = fit_thresholds(maps, scores, 0.001, 0.05, review_false_reject=0.2)
+    assert t["image"] == 20.0                  # k = floor(0.05 * 21) = 1
+    assert t["image_review"] == 17.0           # k = floor(0.2 * 21) = 4: the 4th largest
+    assert t["rule"]["review_promised_false_reject"] == pytest.approx(4 / 21)
+    # a review target the set cannot separate from the NG one still gets the next rank down
+    t = fit_thresholds(maps, scores, 0.001, 0.05, review_false_reject=0.06)
+    assert t["image_review"] == 19.0 and len(t["warnings"]) == 1
 
 
 def test_topk_score_on_letterbox_never_averages_padding():

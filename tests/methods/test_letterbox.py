@@ -78,11 +78,13 @@ def test_graph_takes_valid_box_and_matches_torch_on_real_boxes(letterbox_bundle)
         ref_maps, ref_scores = model(torch.from_numpy(batch), torch.from_numpy(boxes))
     np.testing.assert_allclose(maps, ref_maps[:, 0].numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(scores, ref_scores.numpy(), rtol=1e-4, atol=1e-6)
-    for amap, score, box in zip(maps, scores, boxes.astype(int)):
+    with torch.no_grad():   # the map's part of the image score (fused with the global branch's)
+        _, map_scores, _ = model.scores(torch.from_numpy(batch), torch.from_numpy(boxes))
+    for amap, score, box in zip(maps, map_scores.numpy(), boxes.astype(int)):
         inside = amap[box[0]:box[2], box[1]:box[3]]
         outside = np.ones_like(amap, bool)
         outside[box[0]:box[2], box[1]:box[3]] = False
-        assert score == pytest.approx(inside.max(), rel=1e-6)   # the bundle's rule: max of valid pixels
+        assert score == pytest.approx(inside.max(), rel=1e-5)   # the bundle's rule: max of valid pixels
         assert np.all(amap[outside] == inside.min())
 
 

@@ -39,8 +39,9 @@ def test_fp16_and_int8_graphs_keep_the_map_smoothing_and_its_input_fp32():
     from edgestad.export.precision import forced_fp32_nodes, fp16_split, to_int8
     method = get_method("stfpm")
     config = method.make_config(input_size=(64, 64))
-    assert method.fp32_modules(config) == ("map_smoothing",)
-    assert method.fp32_modules(config.replace(map_sigma=0.0)) == ()
+    assert method.fp32_modules(config) == ("map_smoothing", "global_gaussian", "score_fusion")
+    assert method.fp32_modules(config.replace(global_branch=False)) == ("map_smoothing",)
+    assert method.fp32_modules(config.replace(map_sigma=0.0, global_branch=False)) == ()
     proto = export_fp32(method.build(config).eval(), (64, 64), fp32_modules=method.fp32_modules(config))
     forced = forced_fp32_nodes(proto)
     smoothing = [n for n in proto.graph.node if n.op_type == "Conv" and n.name in forced]
@@ -124,7 +125,7 @@ def test_resnet_students_normalisations():
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     # (map_sigma=0: the study's own map, unsmoothed)
     per_image = method.build(method.make_config(input_size=(64, 64), normalization="per_image",
-                                                map_sigma=0.0)).eval()
+                                                map_sigma=0.0, global_branch=False)).eval()
     with torch.no_grad():
         amap, score = per_image(images)
     # the study's per-image min-max: every image's maximum is 1, so the image score is constant

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .global_score import GlobalGaussian, ScoreFusion
+
 TRT_TOPK_LIMIT = 3840
 MAP_SIGMA = 2.0     # default map smoothing of the pretrained-feature methods, pixels
 _BIG = 3.0e38
@@ -50,11 +52,18 @@ def topk_count(fraction: float, height: int, width: int) -> int:
     return int(min(TRT_TOPK_LIMIT, max(1, round(fraction * height * width))))
 
 
-def describe_image_score(rule: str) -> str:
+def describe_image_score(config) -> str:
+    """What the graph's image score is, for a method config (or a bare rule string)."""
+    rule = config if isinstance(config, str) else config.image_score
     kind, fraction = parse_image_score(rule)
-    if kind == "max":
-        return "maximum of the anomaly map (valid pixels)"
-    return f"mean of the top {fraction:g} of the anomaly map's valid pixels"
+    text = ("maximum of the anomaly map (valid pixels)" if kind == "max" else
+            f"mean of the top {fraction:g} of the anomaly map's valid pixels")
+    if not isinstance(config, str) and getattr(config, "global_branch", False):
+        fuse = "sum" if config.score_fusion == "sum" else "maximum"
+        text = (f"{fuse} of the {text} and the global Gaussian score of pooled teacher features "
+                f"(strides {', '.join(map(str, config.global_levels))}), each normalised "
+                f"({config.score_normalization}) on validation good images")
+    return text
 
 
 def image_score(amap: torch.Tensor, rule: str, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,6 +142,20 @@ class AnomalyModel(nn.Module):
                              persistent=False)
         sigma = float(getattr(self.config, "map_sigma", 0.0) or 0.0)
         self.map_smoothing = MapSmoothing(sigma) if sigma > 0 else None
+        self.global_gaussian = self.score_fusion = None
+
+    def init_global(self, teacher) -> None:
+        """The global branch (``global_score.py``) over the teacher's (a FeaturePyramid's)
+        features at ``config.global_levels``, when the config turns it on; its Gaussian and the
+        fusion's normalisation are fitted at train time (``fit_global_branch``)."""
+        if getattr(self.config, "global_branch", False):
+            channels = {f.stride: f.channels for f in teacher.feature_info}
+            self.global_gaussian = GlobalGaussian([channels[s] for s in self.config.global_levels])
+            self.score_fusion = ScoreFusion(self.config.score_fusion)
+
+    @property
+    def has_global_branch(self) -> bool:
+        return self.global_gaussian is not None
 
     @property
     def takes_valid_box(self) -> bool:
@@ -144,6 +167,11 @@ class AnomalyModel(nn.Module):
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images N×3×H×W → anomaly map N×1×H×W (the method's own part)."""
         raise NotImplementedError
+
+    def map_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(anomaly map, the teacher's features at ``config.global_levels``): a method with a
+        global branch overrides this so that its map and the branch share one teacher pass."""
+        return self.anomaly_map(x), []
 
     def valid_mask(self, valid_box: torch.Tensor) -> torch.Tensor:
         """N×4 (top, left, bottom, right) → N×1×H×W bool."""
@@ -168,7 +196,24 @@ class AnomalyModel(nn.Module):
         amap = torch.where(valid, amap, lowest)
         return amap, image_score(amap, self.config.image_score, valid)
 
+    def scores(self, images: torch.Tensor, valid_box: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(anomaly map, map score, global score or None): the parts of the image score, for
+        fitting the fusion and for ``evaluate``'s report of each one's contribution."""
+        x = self.normalize_input(images)
+        if not self.has_global_branch:
+            amap, map_score = self.finish(self.anomaly_map(x), valid_box)
+            return amap, map_score, None
+        amap, features = self.map_and_features(x)
+        amap, map_score = self.finish(amap, valid_box)
+        valid = None if valid_box is None else self.valid_mask(valid_box)
+        return amap, map_score, self.global_gaussian(features, valid)
+
     def forward(self, images: torch.Tensor, valid_box: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """images N×3×H×W (0..255, uint8 or float) → (anomaly_map N×1×H×W, image_score N)."""
-        return self.finish(self.anomaly_map(self.normalize_input(images)), valid_box)
+        """images N×3×H×W (0..255, uint8 or float) → (anomaly_map N×1×H×W, image_score N):
+        the map score, fused with the global score when the branch is on."""
+        amap, map_score, global_score = self.scores(images, valid_box)
+        if global_score is None:
+            return amap, map_score
+        return amap, self.score_fusion(map_score, global_score)

@@ -27,12 +27,13 @@ import torch.nn.functional as F
 
 from .. import register
 from ..base import ConfigMixin, FitContext, Method, nchw, train_epochs
-from ..common.backbones import PRETRAINED, check_backbone, FeaturePyramid, describe_weights
+from ..common.backbones import BACKBONES, PRETRAINED, check_backbone, FeaturePyramid, describe_weights
+from ..common.global_score import GlobalBranchSettings
 from ..common.scoring import MAP_SIGMA, AnomalyModel, check_map_sigma, parse_image_score
 
 
 @dataclass
-class ResNetStudentsConfig(ConfigMixin):
+class ResNetStudentsConfig(GlobalBranchSettings):
     backbone: str = "efficientnet-lite0"            # resnet18 with a local weights file: the study's
     num_students: int = 3
     student_channels: tuple[int, ...] = (32, 64, 128)
@@ -42,12 +43,14 @@ class ResNetStudentsConfig(ConfigMixin):
     resize: str = "area_or_linear"
     map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
 
-    STORED_DEFAULTS: ClassVar[dict] = {"map_sigma": 0.0}   # bundles from before map smoothing
+    # bundles from before map smoothing / the global branch
+    STORED_DEFAULTS: ClassVar[dict] = {**GlobalBranchSettings.STORED_DEFAULTS, "map_sigma": 0.0}
 
     def __post_init__(self):
         parse_image_score(self.image_score)
         check_map_sigma(self.map_sigma, self.input_size)
         check_backbone(self.backbone, (4,))
+        self.check_global(BACKBONES[self.backbone][0])
         if self.normalization not in ("validation", "per_image"):
             raise ValueError(f"normalization must be 'validation' or 'per_image', got {self.normalization!r}")
         if self.num_students < 1:
@@ -69,12 +72,14 @@ class ResNetStudents(AnomalyModel):
     def __init__(self, config: ResNetStudentsConfig):
         super().__init__()
         self.config = config
-        self.teacher = FeaturePyramid(config.backbone, (4,))
+        # stride 4 for the map; the global branch's levels too when it is on
+        self.teacher = FeaturePyramid(config.backbone, config.teacher_strides((4,)))
         self.teacher.requires_grad_(False)
         channels = self.teacher.feature_info[0].channels
         self.students = nn.ModuleList(conv_student(channels, tuple(config.student_channels))
                                       for _ in range(config.num_students))
         self.init_input(self.teacher.mean, self.teacher.std)
+        self.init_global(self.teacher)
         # min and max of the raw map over the validation good pixels (set by calibrate)
         self.register_buffer("map_range", torch.tensor([0.0, 1.0]))
 
@@ -83,17 +88,23 @@ class ResNetStudents(AnomalyModel):
         self.teacher.eval()
         return self
 
-    def squared_differences(self, x: torch.Tensor) -> torch.Tensor:
+    def squared_differences(self, x: torch.Tensor, teacher: list | None = None) -> torch.Tensor:
         """S×N×C×h×w squared differences of each student to the teacher."""
-        target = self.teacher(x)[0]
+        target = (teacher if teacher is not None else self.teacher(x))[0]
         return torch.stack([(s(x) - target) ** 2 for s in self.students])
 
-    def raw_map(self, x: torch.Tensor) -> torch.Tensor:
-        d = self.squared_differences(x).mean(dim=(0, 2))[:, None]        # N×1×h×w
+    def raw_map(self, x: torch.Tensor, teacher: list | None = None) -> torch.Tensor:
+        d = self.squared_differences(x, teacher).mean(dim=(0, 2))[:, None]        # N×1×h×w
         return F.interpolate(d, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        raw = self.raw_map(x)
+    def map_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        teacher = self.teacher(x)                             # one teacher pass for both
+        by_stride = dict(zip(self.teacher.strides, teacher))
+        return (self.anomaly_map(x, teacher),
+                [by_stride[s] for s in self.config.global_levels])
+
+    def anomaly_map(self, x: torch.Tensor, teacher: list | None = None) -> torch.Tensor:
+        raw = self.raw_map(x, teacher)
         if self.config.normalization == "per_image":
             lo = raw.amin(dim=(1, 2, 3), keepdim=True)
             hi = raw.amax(dim=(1, 2, 3), keepdim=True)
@@ -109,8 +120,8 @@ class ResNetStudentsMethod(Method):
     paper = "the ResNet-18 teacher / CNN-students study (reference documents)"
     default_backbone = "efficientnet-lite0 (stride-4 stage); resnet18 with a local weights file"
     config_cls = ResNetStudentsConfig
-    defaults = {"epochs": 8, "batch_size": 8, "lr": 1e-3}
-    option_names = ("backbone_weights",)
+    defaults = {"epochs": 8, "batch_size": 8, "lr": 1e-3, "augment": "flip"}
+    option_names = ("backbone_weights", "augment")
 
     def build(self, config: ResNetStudentsConfig) -> ResNetStudents:
         return ResNetStudents(config)
@@ -119,12 +130,13 @@ class ResNetStudentsMethod(Method):
         weights = ctx.options.get("backbone_weights") or PRETRAINED
         ctx.provenance["backbone"] = describe_weights(model.config.backbone, weights)
         model.teacher.load_state_dict(
-            FeaturePyramid(model.config.backbone, (4,), weights=weights).state_dict())
+            FeaturePyramid(model.config.backbone, model.teacher.strides, weights=weights).state_dict())
         model.to(torch.device(ctx.device))
         optimizer = torch.optim.Adam(model.students.parameters(), lr=ctx.lr)
         history = train_epochs(
             model, nchw(images), ctx, {"students": optimizer},
-            lambda x: model.squared_differences(x).mean(dim=(1, 2, 3, 4)).sum(), "students", flip=True)
+            lambda x: model.squared_differences(x).mean(dim=(1, 2, 3, 4)).sum(), "students",
+            augment=ctx.options.get("augment", self.defaults["augment"]))
         model.eval()
         return history
 

@@ -71,6 +71,7 @@ from ..base import (ConfigMixin, EpochLoop, FitContext, Method, MethodConfigErro
                     timed_entry, training_config)
 from ..common.backbones import (BACKBONES, PRETRAINED, FeatureInfo, FeaturePyramid,
                                 describe_weights, recompute_batchnorm_statistics)
+from ..common.global_score import GlobalBranchSettings
 from ..common.scoring import MAP_SIGMA, AnomalyModel, check_map_sigma, parse_image_score
 
 LEVELS = (4, 8, 16)
@@ -81,7 +82,7 @@ _EFFICIENTNET_STAGE_START_CHANNELS = {4: 24, 8: 40, 16: 80}
 
 
 @dataclass
-class RSTPMConfig(ConfigMixin):
+class RSTPMConfig(GlobalBranchSettings):
     backbone: str = "efficientnet-lite0"           # teacher 1 / student 1
     teacher2: str = "efficientnet-lite0"           # stage-start taps offline; resnet50: the paper's
     recon_channels: tuple[int, ...] = (128, 64, 32)  # student 2's widths at strides 16, 8, 4
@@ -91,11 +92,13 @@ class RSTPMConfig(ConfigMixin):
     resize: str = "area_or_linear"
     map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
 
-    STORED_DEFAULTS: ClassVar[dict] = {"map_sigma": 0.0}   # bundles from before map smoothing
+    # bundles from before map smoothing / the global branch
+    STORED_DEFAULTS: ClassVar[dict] = {**GlobalBranchSettings.STORED_DEFAULTS, "map_sigma": 0.0}
 
     def __post_init__(self):
         parse_image_score(self.image_score)
         check_map_sigma(self.map_sigma, self.input_size)
+        self.check_global(LEVELS + (32,))              # teacher 1's strides
         if self.teacher2 not in TEACHER2_CHOICES:
             raise MethodConfigError(f"teacher2: must be one of {', '.join(TEACHER2_CHOICES)}, "
                                     f"got {self.teacher2!r}")
@@ -242,6 +245,7 @@ class RSTPM(AnomalyModel):
         self.maps = DistanceMaps()
         self.discriminator = DiscriminatorUNet(3, tuple(config.disc_channels))
         self.init_input(self.teacher1.mean, self.teacher1.std)
+        self.init_global(self.teacher1)
         self.teacher1.requires_grad_(False)
         self.teacher2.requires_grad_(False)
         if tuple(self.teacher2.mean) != tuple(self.teacher1.mean) or \
@@ -265,9 +269,18 @@ class RSTPM(AnomalyModel):
 
     def features(self, x: torch.Tensor):
         """(t1 at 4/8/16, s1, t2, s2) for normalised images."""
-        t1 = self.teacher1(x)
+        return self.features_from(self.teacher1(x), x)
+
+    def features_from(self, t1: list[torch.Tensor], x: torch.Tensor):
         t2 = self.teacher2(self.teacher2_input(x))
         return t1[:3], self.student1(x), t2, self.student2(t1[3], t2)
+
+    def map_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        t1 = self.teacher1(x)                                 # one teacher-1 pass for both
+        sums, product = self.maps(*self.features_from(t1, x), size=tuple(x.shape[-2:]))
+        by_stride = dict(zip(self.teacher1.strides, t1))
+        return final_map(product, self.discriminator(sums)), [by_stride[s] for s in
+                                                              self.config.global_levels]
 
     def st_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-resolution sums on the stride-4 grid N×3×h₄×w₄, eq. 5's product N×1×H×W)."""

@@ -23,14 +23,15 @@ import torch
 import torch.nn.functional as F
 
 from ..base import ConfigMixin, FitContext, Method, batches_of, nchw, train_epochs
-from ..common.backbones import (PRETRAINED, FeaturePyramid, check_backbone, describe_weights,
+from ..common.backbones import (BACKBONES, PRETRAINED, FeaturePyramid, check_backbone, describe_weights,
                                 recompute_batchnorm_statistics)
+from ..common.global_score import GlobalBranchSettings
 from ..common.scoring import MAP_SIGMA, AnomalyModel, check_map_sigma, parse_image_score
 from .. import register
 
 
 @dataclass
-class STFPMConfig(ConfigMixin):
+class STFPMConfig(GlobalBranchSettings):
     backbone: str = "efficientnet-lite0"
     levels: tuple[int, ...] = (4, 8, 16)          # network strides of the matched stages
     input_size: tuple[int, int] = (256, 256)       # (height, width)
@@ -38,12 +39,14 @@ class STFPMConfig(ConfigMixin):
     resize: str = "area_or_linear"                 # or "letterbox"
     map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
 
-    STORED_DEFAULTS: ClassVar[dict] = {"map_sigma": 0.0}   # bundles from before map smoothing
+    # bundles from before map smoothing / the global branch
+    STORED_DEFAULTS: ClassVar[dict] = {**GlobalBranchSettings.STORED_DEFAULTS, "map_sigma": 0.0}
 
     def __post_init__(self):
         parse_image_score(self.image_score)
         check_backbone(self.backbone, tuple(self.levels))
         check_map_sigma(self.map_sigma, self.input_size)
+        self.check_global(BACKBONES[self.backbone][0])
 
 
 def level_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -72,9 +75,11 @@ class STFPM(AnomalyModel):
     def __init__(self, config: STFPMConfig):
         super().__init__()
         self.config = config
-        self.teacher = FeaturePyramid(config.backbone, tuple(config.levels))
+        # the teacher also computes the global branch's deeper levels when it is on
+        self.teacher = FeaturePyramid(config.backbone, config.teacher_strides(config.levels))
         self.student = FeaturePyramid(config.backbone, tuple(config.levels))
         self.init_input(self.teacher.mean, self.teacher.std)
+        self.init_global(self.teacher)
         self.teacher.requires_grad_(False)
 
     def train(self, mode: bool = True):
@@ -82,11 +87,24 @@ class STFPM(AnomalyModel):
         self.teacher.eval()            # the teacher is used as it is: frozen BatchNorm too
         return self
 
+    def teacher_levels(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{stride: teacher features} for every stride the teacher computes."""
+        return dict(zip(self.teacher.strides, self.teacher(x)))
+
+    def maps_from(self, teacher: dict[int, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        return [level_distance(teacher[stride], s)
+                for stride, s in zip(self.config.levels, self.student(x))]
+
     def level_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [level_distance(t, s) for t, s in zip(self.teacher(x), self.student(x))]
+        return self.maps_from(self.teacher_levels(x), x)
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         return product_of_upsampled(self.level_maps(x), x.shape[-2:])
+
+    def map_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        teacher = self.teacher_levels(x)                      # one teacher pass for both
+        amap = product_of_upsampled(self.maps_from(teacher, x), x.shape[-2:])
+        return amap, [teacher[s] for s in self.config.global_levels]
 
 
 @register
@@ -97,7 +115,7 @@ class STFPMMethod(Method):
     default_backbone = "efficientnet-lite0"
     config_cls = STFPMConfig
     defaults = {"epochs": 30, "batch_size": 16, "lr": 0.4}
-    option_names = ("backbone_weights", "momentum", "weight_decay")
+    option_names = ("backbone_weights", "momentum", "weight_decay", "augment")
 
     def build(self, config: STFPMConfig) -> STFPM:
         return STFPM(config)
@@ -114,11 +132,11 @@ def load_pretrained_teacher(model, ctx: FitContext) -> None:
     config = model.config
     weights = ctx.options.get("backbone_weights") or PRETRAINED
     ctx.provenance["backbone"] = describe_weights(config.backbone, weights)
-    pretrained = FeaturePyramid(config.backbone, tuple(config.levels), weights=weights)
+    pretrained = FeaturePyramid(config.backbone, model.teacher.strides, weights=weights)
     model.teacher.load_state_dict(pretrained.state_dict())
 
 
-def fit_student(model: STFPM, images: np.ndarray, ctx: FitContext, flip: bool = False) -> list[dict]:
+def fit_student(model: STFPM, images: np.ndarray, ctx: FitContext) -> list[dict]:
     """The STFPM loop (also used by methods whose student is trained the same way)."""
     device = torch.device(ctx.device)
     load_pretrained_teacher(model, ctx)
@@ -128,7 +146,8 @@ def fit_student(model: STFPM, images: np.ndarray, ctx: FitContext, flip: bool = 
                                 momentum=float(ctx.options.get("momentum", 0.9)),
                                 weight_decay=float(ctx.options.get("weight_decay", 1e-4)))
     history = train_epochs(model, data, ctx, {"student": optimizer},
-                           lambda x: sum(m.mean() for m in model.level_maps(x)), "student", flip)
+                           lambda x: sum(m.mean() for m in model.level_maps(x)), "student",
+                           augment=ctx.options.get("augment", "none"))
     layers = recompute_batchnorm_statistics(
         model.student, (model.normalize_input(b.to(device)) for b in batches_of(data, 16)), device)
     ctx.provenance["batchnorm_recomputed"] = {"layers": layers, "images": int(len(data))}

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from .. import register
 from ..base import (ConfigMixin, EpochLoop, FitContext, Method, MethodConfigError, batches_of, nchw,
                     timed_entry, training_config)
-from ..common.backbones import recompute_batchnorm_statistics
+from ..common.backbones import BACKBONES, recompute_batchnorm_statistics
+from ..common.global_score import GlobalBranchSettings
 from ..common.scoring import MAP_SIGMA, check_map_sigma, parse_image_score
 from ..stfpm.method import STFPM, level_distance, level_parts, load_pretrained_teacher
 
@@ -53,7 +54,7 @@ ALPHA = 1e-7
 
 
 @dataclass
-class STFPMAEConfig(ConfigMixin):
+class STFPMAEConfig(GlobalBranchSettings):
     backbone: str = "efficientnet-lite0"
     levels: tuple[int, ...] = (4, 8, 16)
     input_size: tuple[int, int] = (256, 256)
@@ -61,11 +62,13 @@ class STFPMAEConfig(ConfigMixin):
     resize: str = "area_or_linear"
     map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
 
-    STORED_DEFAULTS: ClassVar[dict] = {"map_sigma": 0.0}   # bundles from before map smoothing
+    # bundles from before map smoothing / the global branch
+    STORED_DEFAULTS: ClassVar[dict] = {**GlobalBranchSettings.STORED_DEFAULTS, "map_sigma": 0.0}
 
     def __post_init__(self):
         parse_image_score(self.image_score)
         check_map_sigma(self.map_sigma, self.input_size)
+        self.check_global(BACKBONES[self.backbone][0])
 
 
 def _convs(cin: int, cout: int) -> nn.Sequential:
@@ -117,12 +120,15 @@ class STFPMAE(STFPM):
 
     def reconstructions(self, x: torch.Tensor):
         """(teacher features, student features, reconstructed student features) per level."""
-        t = self.teacher(x)
-        s = self.student(x)
-        return t, s, [ae(f) for ae, f in zip(self.autoencoders, s)]
+        return self.reconstructions_from(self.teacher_levels(x), x)
 
-    def level_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        t, _, r = self.reconstructions(x)
+    def reconstructions_from(self, teacher: dict[int, torch.Tensor], x: torch.Tensor):
+        s = self.student(x)
+        return ([teacher[stride] for stride in self.config.levels], s,
+                [ae(f) for ae, f in zip(self.autoencoders, s)])
+
+    def maps_from(self, teacher: dict[int, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        t, _, r = self.reconstructions_from(teacher, x)
         return [level_distance(ti, ri) for ti, ri in zip(t, r)]
 
 
@@ -199,7 +205,7 @@ class STFPMAEMethod(Method):
                 x = model.normalize_input(batch.to(device))
                 if joint_epoch < 0:                       # AE pretraining on teacher features
                     with torch.no_grad():
-                        t = model.teacher(x)
+                        t = [model.teacher_levels(x)[stride] for stride in model.config.levels]
                     loss = sum(F.mse_loss(ae(f), f) for ae, f in zip(model.autoencoders, t))
                     adam.zero_grad(set_to_none=True)
                     loss.backward()
