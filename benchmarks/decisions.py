@@ -33,10 +33,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from method_run import data_root  # noqa: E402
+from method_run import CATEGORIES  # noqa: E402
 
-CATEGORIES = {"bottle": "mvtec_ad/bottle", "screw": "mvtec_ad/screw",
-              "magnetic_tile": "magnetic_tile/magnetic_tile"}
 OUT = ROOT / "benchmarks" / "results" / "decisions"
 MAP_RULES = ("max", "topk:0.001", "topk:0.01", "topk:0.05")
 LEVEL_SETS = ((16,), (32,), (16, 32), (8, 16, 32), (4, 8, 16, 32))
@@ -193,7 +191,31 @@ def summary() -> None:
             lines.append(f"| {c} | {rule} | {t['promised_good_ng']:.3f} | "
                          f"{t['delivered_good_ng']:.3f} | {t['defective_ng']:.3f} |")
     (OUT / "summary.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, cats)
     print("\n".join(lines[:40]))
+
+
+def _plot(rows, cats) -> None:
+    """Every candidate's image AUROC per category (one dot per category, sorted by the mean)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    kinds = {"map": "tab:blue", "global": "tab:green", "fused": "tab:red"}
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for i, (_, mean, name, au) in enumerate(rows):
+        kind = "map" if name.startswith("map ") else "global" if name.startswith("global ") else "fused"
+        ax.scatter([i] * len(au), au, s=8, color=kinds[kind], alpha=0.6)
+        ax.scatter([i], [mean], s=14, color="black", marker="_")
+    for kind, color in kinds.items():
+        ax.scatter([], [], color=color, label=f"{kind} score")
+    ax.set_xlabel(f"candidate image scores, best mean first ({len(rows)})")
+    ax.set_ylabel(f"image AUROC ({', '.join(cats)})")
+    ax.set_ylim(0.4, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(OUT / "summary.png", dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CATEGORIES = {"bottle": "mvtec_ad/bottle", "magnetic_tile": "magnetic_tile/magnetic_tile"}
+CATEGORIES = {"bottle": "mvtec_ad/bottle", "screw": "mvtec_ad/screw",
+              "magnetic_tile": "magnetic_tile/magnetic_tile"}
 
 
 def data_root() -> Path:

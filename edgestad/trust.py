@@ -208,6 +208,16 @@ def _user() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def _set_by_hand(new: dict, rules: list, key: str, value: float, option: str, **cleared) -> None:
+    """A threshold set to a value by hand: checked, recorded in the rule, the rule's derived
+    fields (``cleared``) reset."""
+    if not math.isfinite(value):
+        raise ThresholdError(f"{option}: must be a finite number, got {value}")
+    new[key] = float(value)
+    new["rule"].update({key: f"set by hand (edgestad thresholds {option})", **cleared})
+    rules.append(f"{option} {value:g}: set by hand")
+
+
 def new_thresholds(thresholds: Mapping, *, pixel_fpr: float | None = None,
                    image_false_reject: float | None = None, pixel: float | None = None,
                    image: float | None = None, review_false_reject: float | None = None,
@@ -224,11 +234,7 @@ def new_thresholds(thresholds: Mapping, *, pixel_fpr: float | None = None,
         rule.update(pixel=text, pixel_fpr=pixel_fpr)
         rules.append(f"--pixel-fpr {pixel_fpr:g}: {text}")
     if pixel is not None:
-        if not math.isfinite(pixel):
-            raise ThresholdError(f"--pixel-threshold: must be a finite number, got {pixel}")
-        new["pixel"] = float(pixel)
-        rule.update(pixel="set by hand (edgestad thresholds --pixel-threshold)", pixel_fpr=None)
-        rules.append(f"--pixel-threshold {pixel:g}: set by hand")
+        _set_by_hand(new, rules, "pixel", pixel, "--pixel-threshold", pixel_fpr=None)
     image_rank = None
     if image_false_reject is not None:
         new["image"], text, image_rank = image_threshold_for_false_reject(thresholds, image_false_reject)
@@ -237,12 +243,8 @@ def new_thresholds(thresholds: Mapping, *, pixel_fpr: float | None = None,
                     image_target_widened=bool(image_rank and image_rank["widened"]))
         rules.append(f"--image-false-reject {image_false_reject:g}: {text}")
     if image is not None:
-        if not math.isfinite(image):
-            raise ThresholdError(f"--image-threshold: must be a finite number, got {image}")
-        new["image"] = float(image)
-        rule.update(image="set by hand (edgestad thresholds --image-threshold)", image_false_reject=None,
-                    image_promised_false_reject=None, image_target_widened=False)
-        rules.append(f"--image-threshold {image:g}: set by hand")
+        _set_by_hand(new, rules, "image", image, "--image-threshold", image_false_reject=None,
+                     image_promised_false_reject=None, image_target_widened=False)
     if defects is not None:
         try:
             found = recall_threshold(defects, recall, rule.get("validation_scores"))
@@ -262,12 +264,8 @@ def new_thresholds(thresholds: Mapping, *, pixel_fpr: float | None = None,
         rule.update(image_review=text, review_false_reject=review_false_reject)
         rules.append(f"--review-false-reject {review_false_reject:g}: {text}")
     if review is not None:
-        if not math.isfinite(review):
-            raise ThresholdError(f"--review-threshold: must be a finite number, got {review}")
-        new["image_review"] = float(review)
-        rule.update(image_review="set by hand (edgestad thresholds --review-threshold)",
-                    review_false_reject=None)
-        rules.append(f"--review-threshold {review:g}: set by hand")
+        _set_by_hand(new, rules, "image_review", review, "--review-threshold",
+                     review_false_reject=None)
     if no_review and new.get("image_review") is not None:
         # None, not a deleted key: manifest updates merge, so a key is ended by null
         new["image_review"] = None

@@ -76,7 +76,8 @@ def calibration_images(bundle: Bundle, n: int, data: str | os.PathLike | None = 
     """(uint8 N x 3 x H x W, their paths): ``n`` good training images at the model input size."""
     paths = pick_evenly(training_image_paths(bundle, data), n)
     try:
-        images = load_images(paths, bundle.input_size, resize=_resize(bundle))
+        images = load_images(paths, bundle.input_size, resize=_resize(bundle),
+                             roi=bundle.manifest["input"].get("roi"))
     except DataError as exc:
         raise CalibrationError(str(exc)) from exc
     return to_nchw(images), paths
@@ -95,7 +96,8 @@ def test_set(bundle: Bundle, data: str | os.PathLike | None = None):
         return None
     try:
         images, masks, labels, _types, _paths, boxes = load_test_set(
-            MVTecCategory(folder), bundle.input_size, resize=_resize(bundle), with_boxes=True)
+            MVTecCategory(folder), bundle.input_size, resize=_resize(bundle), with_boxes=True,
+            roi=bundle.manifest["input"].get("roi"))
     except DataError as exc:
         raise CalibrationError(str(exc)) from exc
     return to_nchw(images), masks, labels, (boxes if uses_valid_box(bundle.manifest["input"]) else None)

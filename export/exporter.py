@@ -317,7 +317,8 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
                 images, masks, labels, boxes = test
                 report_accuracy = accuracy_cost(measured, images, masks, labels,
                                                 batch_size=options.batch_size,
-                                                threads=options.threads, log=log, boxes=boxes)
+                                                threads=options.threads, log=log, boxes=boxes,
+                                                thresholds=manifest.get("thresholds"))
 
     # --- 5. write graphs + report + manifest in one add_files -------------------------------------
     old_report = _read_report(bundle)

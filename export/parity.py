@@ -26,6 +26,11 @@ from edgestad.onnx_session import ort_session, run_session  # noqa: F401 (re-exp
 
 FP32_PARITY_TARGET = 1e-4
 INT8_AU_PRO_TARGET = 0.01
+# A reduced-precision graph should decide OK/REVIEW/NG as the fp32 graph does on at least this share
+# of the test images. Measured: fp16 ≥ 99.4 % on bottle/screw/magnetic_tile; int8 97.6 % / 72.5 % /
+# 97.9 % (the int8 map and global scores sit higher than fp32's on good parts, +0.2 on screw, so the
+# fp32-calibrated image threshold rejects more good parts).
+SAME_DECISION_TARGET = 0.99
 # An image run alone and inside a batch: a batch-dimension bug mixes images (differences of order
 # 1); what remains for a correct graph is kernel-choice rounding per batch size. Measured: fp32
 # and fp16 graphs of every method ≤ 3e-7 on bottle; rstpm's int8 graph on magnetic_tile 2.0e-4
@@ -156,14 +161,24 @@ def accuracy_metrics(maps: np.ndarray, scores: np.ndarray, masks: np.ndarray, la
 
 def accuracy_cost(graphs: dict[str, bytes], test_images: np.ndarray, masks: np.ndarray,
                   labels: np.ndarray, batch_size: int = 4, threads: int | None = None,
-                  log: Callable[[str], None] = lambda s: None, boxes: np.ndarray | None = None) -> dict:
+                  log: Callable[[str], None] = lambda s: None, boxes: np.ndarray | None = None,
+                  thresholds: dict | None = None) -> dict:
     """AU-PRO / AUROCs of every graph on the test set, and the change against the fp32 graph.
-    ``boxes``: valid boxes of letterboxed test images (maps are cropped to them for metrics)."""
+    ``boxes``: valid boxes of letterboxed test images (maps are cropped to them for metrics).
+    ``thresholds``: the bundle's; each graph's OK/REVIEW/NG decisions are compared with the fp32
+    graph's (``same_decision``: the share of test images decided alike)."""
     from edgestad.evaluate import to_eval_grid
     result: dict[str, Any] = {"test_images": int(len(test_images)), "anomalous": int(labels.sum()),
                               "au_pro_integration_limit": 0.3, "baseline": "fp32 graph",
                               "int8_au_pro_target": INT8_AU_PRO_TARGET, "graphs": {}}
-    baseline = None
+    baseline, base_decisions = None, None
+    image = (thresholds or {}).get("image")
+    review = (thresholds or {}).get("image_review")
+
+    def decide(scores):
+        out = np.where(scores > image, 2, 0)
+        return out if review is None else np.where((scores > review) & (out == 0), 1, out)
+
     for precision in ("fp32", "fp16", "int8"):
         if precision not in graphs:
             continue
@@ -174,6 +189,20 @@ def accuracy_cost(graphs: dict[str, bytes], test_images: np.ndarray, masks: np.n
         maps = to_eval_grid(maps, boxes)
         metrics = accuracy_metrics(maps, scores, masks, labels)
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
+        if image is not None:
+            decisions = decide(scores)
+            if precision == "fp32":
+                base_decisions = decisions
+            elif base_decisions is not None:
+                metrics["same_decision"] = float((decisions == base_decisions).mean())
+                if metrics["same_decision"] < SAME_DECISION_TARGET:
+                    good = labels == 0
+                    log(f"  WARNING: the {precision} graph decides differently from fp32 on "
+                        f"{1 - metrics['same_decision']:.1%} of the test images (good parts NG: "
+                        f"{int((decisions[good] == 2).sum())} vs {int((base_decisions[good] == 2).sum())}"
+                        f" of {int(good.sum())}); its scores are not calibrated to the bundle's "
+                        f"thresholds - prefer fp16, or see `edgestad evaluate B DATA --backend onnx "
+                        f"--precision {precision}`")
         if precision == "fp32":
             baseline = metrics
         elif baseline is not None:
@@ -187,6 +216,8 @@ def accuracy_cost(graphs: dict[str, bytes], test_images: np.ndarray, masks: np.n
         delta = metrics.get("delta_au_pro")
         log(f"  accuracy {precision}: AU-PRO " + (f"{au:.4f}" if au is not None else "n/a")
             + (f" (change {delta:+.4f})" if delta is not None else "")
+            + (f", same decision as fp32 on {metrics['same_decision']:.1%}"
+               if "same_decision" in metrics else "")
             + f", {len(test_images)} test images, {metrics['seconds']:.1f} s")
     return result
 

@@ -96,6 +96,9 @@ def test_export_writes_graphs_report_and_manifest(exported):
     assert set(report["graphs"]) == {"fp32", "fp16", "int8"}
     assert report["graphs"]["int8"]["accuracy"]["au_pro"] is not None
     assert "delta_au_pro" in report["graphs"]["int8"]["accuracy"]
+    # OK/NG agreement with the fp32 graph at the bundle's thresholds
+    for precision in ("fp16", "int8"):
+        assert 0.0 <= report["graphs"][precision]["accuracy"]["same_decision"] <= 1.0
 
 
 def test_graph_io_contract_and_metadata(exported):
@@ -489,3 +492,45 @@ def test_replacing_the_fp32_graph_removes_graphs_derived_from_the_old_one(export
     assert set(bundle.manifest["exports"]["onnx_sha256"]) == {"fp32"}
     assert not (work / "model.fp16.onnx").exists() and not (work / "model.int8.onnx").exists()
     assert set(json.loads((work / "export_report.json").read_text())["graphs"]) == {"fp32"}
+
+
+def _offset_graph(offset: float, size: int = 8) -> bytes:
+    """A real ONNX graph: map = channel mean of the image / 255, score = image mean / 255 + offset."""
+    nodes = [
+        helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["x", "scale"], ["xs"]),
+        helper.make_node("ReduceMean", ["xs"], ["anomaly_map"], axes=[1], keepdims=1),
+        helper.make_node("ReduceMean", ["xs"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Add", ["mean", "offset"], ["image_score"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "offset",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, ["batch", 1, size, size]),
+         helper.make_tensor_value_info("image_score", TensorProto.FLOAT, ["batch"])],
+        [numpy_helper.from_array(np.array(255.0, np.float32), "scale"),
+         numpy_helper.from_array(np.array(offset, np.float32), "offset")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString()
+
+
+def test_accuracy_cost_warns_when_a_precision_decides_differently():
+    """A reduced-precision graph whose scores sit higher than fp32's (as int8 does on screw) is
+    measured as deciding differently at the bundle's thresholds, and the export log says so."""
+    from edgestad.export.parity import SAME_DECISION_TARGET, accuracy_cost
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(20, 3, 8, 8), dtype=np.uint8)
+    labels = np.array([0] * 10 + [1] * 10)
+    masks = np.zeros((20, 8, 8), np.uint8)
+    masks[10:, 2:4, 2:4] = 1
+    scores = images.astype(np.float32).mean(axis=(1, 2, 3)) / 255
+    threshold = float(np.median(scores))
+    logged = []
+    report = accuracy_cost({"fp32": _offset_graph(0.0), "fp16": _offset_graph(0.0),
+                            "int8": _offset_graph(1.0)}, images, masks, labels,
+                           log=logged.append, thresholds={"image": threshold})
+    assert report["graphs"]["fp16"]["same_decision"] == 1.0
+    int8 = report["graphs"]["int8"]["same_decision"]
+    assert int8 == pytest.approx(float((scores <= threshold).mean()))   # all of those flip to NG
+    assert int8 < SAME_DECISION_TARGET
+    warnings = [line for line in logged if "WARNING" in line]
+    assert len(warnings) == 1 and "int8 graph decides differently" in warnings[0]

@@ -47,7 +47,7 @@ PIXEL_FPR_GRID = tuple(float(f"{m}e{e}") for e in range(-5, 0) for m in (1, 2, 3
 
 
 def fit_thresholds(val_maps: np.ndarray, val_scores: np.ndarray, pixel_fpr: float = 0.001,
-                   image_false_reject: float = 0.01, boxes: np.ndarray | None = None,
+                   image_false_reject: float = 0.05, boxes: np.ndarray | None = None,
                    review_false_reject: float | None = None) -> dict:
     pixels = valid_pixels(val_maps, boxes)
     pixel = float(np.quantile(pixels, 1.0 - pixel_fpr))

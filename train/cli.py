@@ -126,17 +126,18 @@ def _usage(option: str, message: str):
               "`edgestad roi DATA` proposes one from the training images.")
 @click.option("--augment", type=click.Choice(["auto", "none", "flip", "rotate"]), default=None,
               help="Training augmentation (stfpm, resnet_students): rotate = random 90° turns and "
-              "flips, for parts that lie at any angle; auto (default) = rotate when the training "
-              "images show varied orientations, else none (resnet_students: flip).")
+              "flips, for parts that lie at any angle; auto = rotate when the training images show "
+              "varied orientations, else the method's own; default: the method's own (stfpm none, "
+              "resnet_students flip).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Share of good images held out for score statistics and thresholds.")
 @click.option("--pixel-fpr", type=float, default=0.001, show_default=True,
               help="Pixel threshold: this false-positive rate on validation good pixels.")
-@click.option("--image-false-reject", type=float, default=0.01, show_default=True,
+@click.option("--image-false-reject", type=float, default=0.05, show_default=True,
               help="Image threshold: the share of good parts expected NG; the threshold is the "
-              "k-th largest validation good score, k = floor(rate·(n+1)). n validation images "
-              "support no rate below 1/(n+1): a lower target is widened to it, with a warning "
-              "(0 = the largest validation score).")
+              "k-th largest validation good score, k = floor(rate·(n+1)), and the bundle promises "
+              "k/(n+1). n validation images support no rate below 1/(n+1): a lower target is "
+              "widened to it, with a warning (0 = the largest validation score).")
 @click.option("--review-false-reject", type=float, default=None,
               help="Add a REVIEW band: a second, lower image threshold at this larger share of "
               "good parts (scores between the two are REVIEW, above the upper one NG).")
@@ -230,8 +231,8 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
             values["num_students"] = num_students
     if augment is not None and "augment" not in m.option_names:
         _usage("--augment", f"not an option of method {name}")
-    if "augment" in m.option_names:
-        options["augment"] = augment or "auto"
+    if augment is not None:
+        options["augment"] = augment
     if backbone_weights:
         if "backbone_weights" not in m.option_names:
             _usage("--backbone-weights", f"not an option of method {name}")

@@ -53,7 +53,9 @@ def _check_same_run(settings_file: Path, checkpoint: Path, data: Path, method: s
     if old.get("method") != method:
         raise TrainError(f"--method: {checkpoint} belongs to a {old.get('method')} run; use another "
                          f"--out or delete {checkpoint.parent} to start over")
-    previous = old.get("settings") or {}
+    previous = dict(old.get("settings") or {})
+    # the augmentation lives in the options; a run written without one trained with none
+    previous["augment"] = (previous.get("options") or {}).get("augment", "none")
     for key, value in epochs_free.items():
         if key in previous and previous[key] != value:
             raise TrainError(f"--{key.replace('_', '-')}: {checkpoint} was trained with "
@@ -126,7 +128,8 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
     work.mkdir(parents=True, exist_ok=True)
     _check_same_run(work / "settings.json", checkpoint, data, method.name, epochs_free={
         "batch_size": batch_size, "lr": lr, "seed": settings.seed,
-        "val_fraction": settings.val_fraction, "roi": list(roi) if roi else None})
+        "val_fraction": settings.val_fraction, "roi": list(roi) if roi else None,
+        "augment": settings.options.get("augment", "none")})
     (work / "settings.json").write_text(json.dumps(
         {"data": str(data), "method": method.name, "config": config.to_dict(),
          "settings": {**settings.__dict__, "epochs": epochs, "batch_size": batch_size, "lr": lr}},
@@ -165,6 +168,7 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
         echo(f"image threshold from {settings.defects}: {rules[-1]}")
     for warning in warnings:
         echo(warning)
+    echo(f"image threshold {thresholds['image']:.6g}: {thresholds['rule']['image']}")
     mean = model.input_mean.flatten().tolist()
     std = model.input_std.flatten().tolist()
     input_section = {"height": size[0], "width": size[1], "channels": 3, "color": "RGB",

@@ -71,7 +71,7 @@ class TrainSettings:
     lr: float | None = None
     val_fraction: float = 0.1
     pixel_fpr: float = 0.001
-    image_false_reject: float = 0.01
+    image_false_reject: float = 0.05               # k = floor(0.05 (n + 1)); 0: the largest
     review_false_reject: float | None = None      # a REVIEW band below the NG threshold
     roi: tuple[int, int, int, int] | None = None  # region of interest x, y, w, h (source pixels)
     defects: str | None = None                    # real defective images: image threshold by recall
@@ -169,8 +169,8 @@ def nchw(images: np.ndarray) -> torch.Tensor:
 
 # Settings applied after training (map post-processing, the global branch fitted from frozen
 # teacher features, the image-score fusion): a resume ignores them.
-POST_TRAINING_SETTINGS = ("map_sigma", "global_branch", "global_levels", "score_fusion",
-                          "score_normalization")
+POST_TRAINING_SETTINGS = ("map_sigma", "image_score", "global_branch", "global_levels",
+                          "score_fusion", "score_normalization")
 # State that training never changes: the frozen pretrained teacher(s), loaded before the epoch loop,
 # and the global branch, fitted after it. A checkpoint may lack it (written with other
 # post-training settings, e.g. before the global branch existed).
@@ -198,7 +198,14 @@ class EpochLoop:
         self.start_epoch, self.history, self.resumed = 0, [], False
         path = ctx.checkpoint
         if path is not None and Path(path).exists():
-            state = load_checkpoint(path, expect={"kind": kind, "config": config})
+            state = load_checkpoint(path, expect={"kind": kind})
+            stored = {k: v for k, v in (state.get("config") or {}).items()
+                      if k not in POST_TRAINING_SETTINGS}   # written by any version
+            if stored != config:
+                from edgestad.train.checkpoint import CheckpointMismatch
+                raise CheckpointMismatch(
+                    f"{path}: the checkpoint was written with a different config ({stored!r} vs "
+                    f"{config!r}); use another output folder or delete it to start over")
             result = model.load_state_dict(state["model"], strict=False)
             trained = [k for k in result.missing_keys if not k.startswith(FILLED_OUTSIDE_TRAINING)]
             if trained or result.unexpected_keys:

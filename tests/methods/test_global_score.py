@@ -45,13 +45,14 @@ def test_global_score_is_the_ledoit_wolf_mahalanobis_distance_in_float64():
 
 
 def test_fusion_normalises_each_score_on_validation_goods():
-    model = _stfpm()
+    assert _stfpm().config.score_normalization == "quantile"      # the default (EfficientAD's)
+    model = _stfpm(score_normalization="z")
     train, val = _images(16, 3), _images(8, 4)
     info = fit_global_branch(model, train, None, val, None, "cpu")
     with torch.no_grad():
         _, m, g = model.scores(val)
         _, fused = model(val)
-    # z normalisation (the default): each part has mean 0 and std 1 on the validation goods
+    # z normalisation: each part has mean 0 and std 1 on the validation goods
     norm = model.score_fusion.norm.tolist()
     z_map, z_global = (m.numpy() - norm[0]) / norm[1], (g.numpy() - norm[2]) / norm[3]
     assert abs(z_map.mean()) < 1e-4 and abs(z_global.mean()) < 1e-4
@@ -169,3 +170,31 @@ def test_a_checkpoint_without_the_branch_resumes_into_a_model_with_it(tmp_path):
     for key, value in off.student.state_dict().items():
         assert torch.equal(value, on.student.state_dict()[key]), key
     assert on.teacher.strides == (4, 8, 16, 32)
+
+
+def test_train_records_the_branch_and_evaluate_shows_each_part(tiny_dataset, tmp_path):
+    import json
+    from click.testing import CliRunner
+    from edgestad.bundle import load_bundle
+    from edgestad.cli import main
+    bundle = tmp_path / "bundle"
+    r = CliRunner().invoke(main, ["train", str(tiny_dataset), "--out", str(bundle), "--epochs", "1",
+                                  "--batch-size", "4", "--input-size", "64", "--augment", "auto"])
+    assert r.exit_code == 0, r.output
+    manifest = load_bundle(bundle).manifest
+    choice = manifest["provenance"]["augment_auto"]            # what auto chose, and why
+    assert choice["augment"] in ("none", "rotate") and "orientation resultant" in choice["why"]
+    assert manifest["provenance"]["training"]["options"]["augment"] == choice["augment"]
+    branch = manifest["global_branch"]
+    assert branch["levels"] == list(manifest["method_config"]["global_levels"])
+    assert branch["fusion"]["rule"] == manifest["method_config"]["score_fusion"]
+    assert "global Gaussian" in manifest["outputs"]["image_score"]
+    r = CliRunner().invoke(main, ["evaluate", str(bundle), str(tiny_dataset), "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    parts = report["image_score_parts"]
+    assert set(parts) == {"map", "global", "fused"}
+    assert parts["fused"]["image_auroc"] == report["image_auroc"]
+    assert "image score part global" in r.output
+    d = report["decisions_at_bundle_threshold"]
+    assert d["promised_good_rejected"] == manifest["thresholds"]["rule"]["image_promised_false_reject"]

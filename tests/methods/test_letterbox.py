@@ -64,6 +64,7 @@ def test_graph_takes_valid_box_and_matches_torch_on_real_boxes(letterbox_bundle)
     from edgestad.bundle import load_bundle
     from edgestad.data import good_images, load_images
     from edgestad.methods import load_model
+    from edgestad.methods.common.scoring import parse_image_score, topk_count
     from edgestad.onnx_session import ort_session, run_session
     data, bundle_path = letterbox_bundle
     bundle = load_bundle(bundle_path)
@@ -84,7 +85,11 @@ def test_graph_takes_valid_box_and_matches_torch_on_real_boxes(letterbox_bundle)
         inside = amap[box[0]:box[2], box[1]:box[3]]
         outside = np.ones_like(amap, bool)
         outside[box[0]:box[2], box[1]:box[3]] = False
-        assert score == pytest.approx(inside.max(), rel=1e-5)   # the bundle's rule: max of valid pixels
+        # the bundle's rule (stfpm: mean of the top 1 % of the valid pixels; k from the whole map)
+        kind, fraction = parse_image_score(bundle.manifest["method_config"]["image_score"])
+        k = 1 if kind == "max" else topk_count(fraction, *amap.shape)
+        expected = np.sort(inside.ravel())[::-1][:k].mean()
+        assert score == pytest.approx(expected, rel=1e-5)
         assert np.all(amap[outside] == inside.min())
 
 

@@ -45,7 +45,7 @@ class GlobalBranchSettings(ConfigMixin):
     global_branch: bool = True                     # the Gaussian of pooled teacher features
     global_levels: tuple[int, ...] = (16, 32)      # teacher strides it pools
     score_fusion: str = "sum"                      # FUSION_RULES
-    score_normalization: str = "z"                 # NORMALIZATIONS
+    score_normalization: str = "quantile"          # NORMALIZATIONS
 
     # bundles from before the global branch score with the map alone
     STORED_DEFAULTS: ClassVar[dict] = {"global_branch": False}

@@ -35,7 +35,7 @@ class STFPMConfig(GlobalBranchSettings):
     backbone: str = "efficientnet-lite0"
     levels: tuple[int, ...] = (4, 8, 16)          # network strides of the matched stages
     input_size: tuple[int, int] = (256, 256)       # (height, width)
-    image_score: str = "max"                       # see methods/common/scoring.py
+    image_score: str = "topk:0.01"                 # see methods/common/scoring.py
     resize: str = "area_or_linear"                 # or "letterbox"
     map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
 
