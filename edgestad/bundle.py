@@ -116,18 +116,19 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o666) -> Path:
     """Atomically replace ``path`` with ``data``.
 
     Writes a temp file in the same directory (same filesystem, so the rename is atomic), fsyncs
     it, ``os.replace``\\ s it over ``path`` and fsyncs the directory. Readers see either the old
     or the new content, never a torn file. The temp file is removed on failure. New files get
-    the usual umask-derived permissions (not mkstemp's 0600), so a service user can read them.
+    the usual umask-derived permissions (not mkstemp's 0600), so a service user can read them;
+    ``mode=0o600`` keeps a secret (a users file) unreadable by others from its first byte.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        _write_new_file(tmp, bytes(data))
+        _write_new_file(tmp, bytes(data), mode)
         os.replace(tmp, path)
     except BaseException:
         _unlink_quietly(tmp)
@@ -766,13 +767,13 @@ def _json_bytes(obj: Any, where: Path) -> bytes:
     return (text + "\n").encode("utf-8")
 
 
-def _write_new_file(dst: Path, src: FileSource) -> str:
+def _write_new_file(dst: Path, src: FileSource, mode: int = 0o666) -> str:
     """Create ``dst`` (must not exist) from bytes or a source path, fsync it, return its sha256.
 
     Hashing while writing avoids reading large engines twice.
     """
     digest = hashlib.sha256()
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as out:
         if isinstance(src, (bytes, bytearray, memoryview)):
             digest.update(src)

@@ -284,9 +284,11 @@ def change_thresholds(bundle_path, *, pixel_fpr: float | None = None,
                       image: float | None = None, review_false_reject: float | None = None,
                       review: float | None = None, no_review: bool = False,
                       defects_dir=None, recall: float = 0.95,
-                      reason: str | None = None, log: Callable[[str], None] = print) -> dict:
+                      reason: str | None = None, log: Callable[[str], None] = print,
+                      by: str | None = None) -> dict:
     """Change the bundle's thresholds in place (see the module docstring); returns the history
-    entry. The bundle must verify (files and decision digest) before anything is changed."""
+    entry. The bundle must verify (files and decision digest) before anything is changed.
+    ``by``: who (default: the user and host running this; the operator page names its lead)."""
     bundle = _directory_bundle(bundle_path, check_decisions=True)
     old = bundle.thresholds
     new, rules = new_thresholds(old, pixel_fpr=pixel_fpr, image_false_reject=image_false_reject,
@@ -298,7 +300,7 @@ def change_thresholds(bundle_path, *, pixel_fpr: float | None = None,
     def shown(t):
         return {k: t.get(k) for k in ("pixel", "image", "image_review")
                 if k != "image_review" or t.get(k) is not None}
-    entry = {"at": _now(), "by": _user(), "change": "thresholds", "old": shown(old),
+    entry = {"at": _now(), "by": by or _user(), "change": "thresholds", "old": shown(old),
              "new": shown(new), "rule": "; ".join(rules)}
     if reason:
         entry["reason"] = reason

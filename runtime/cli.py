@@ -49,6 +49,12 @@ def _opt(*decls: str, **kw: Any):
 @_opt("--http-read-timeout", type=float, metavar="S", help="Close an HTTP connection silent this long [30].")
 @_opt("--http-max-clients", type=int, metavar="N", help="HTTP connections served at once; more get 503 [32].")
 @_opt("--stream-fps", type=float, help="MJPEG stream rate cap [15].")
+@_opt("--shifts", metavar="HH:MM,...", help="Shift start times for the page's shift counters, e.g. 06:00,14:00,22:00.")
+@_opt("--captures", metavar="DIR", help="Folder the page's 'save as good/defective' writes to (MVTec layout).")
+@_opt("--users", metavar="FILE", help="Users file for page logins [users.json beside --config].")
+@_opt("--opcua", metavar="HOST:PORT", help="Serve decisions and counters over OPC UA (needs asyncua).")
+@_opt("--modbus", metavar="HOST:PORT", help="Serve decisions and counters over Modbus TCP (needs pymodbus).")
+@_opt("--trigger", type=click.Choice(["opcua"]), help="Inspect one frame per OPC UA Trigger() call.")
 @_opt("--events", metavar="DIR", help="Write events.jsonl (NG and lifecycle events, fsync'd, rotated) here.")
 @_opt("--events-all/--events-ng-only", help="Log OK frames too.")
 @_opt("--events-max-mb", type=float, help="Rotate events.jsonl at this size [10].")
@@ -86,6 +92,10 @@ def run(ctx: click.Context, bundle: Path | None, config_file: Path | None, **opt
     except ConfigError as exc:
         click.echo(f"error: {one_line(exc)}", err=True)
         ctx.exit(exc.exit_code)
+    if cfg.users is None and config_file is not None:
+        from .accounts import USERS_FILE
+        beside = Path(config_file).parent / USERS_FILE   # where `edgestad users add` puts it
+        cfg.users = str(beside) if beside.exists() else None
     _setup_logging(cfg.log_level)
     try:
         summary = run_with_config(cfg)
@@ -154,7 +164,11 @@ def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
     feed = None
     pipeline = None
     running = False
+    station = None
     try:
+        station = make_station(cfg, bundle, backend, thresholds, lambda: pipeline)
+        if station is not None:
+            sinks.append(station.sink)   # first: it stamps the counts that the events log records
         if cfg.events:
             sinks.append(EventLog(cfg.events, max_bytes=int(cfg.events_max_mb * (1 << 20)),
                                   backups=cfg.events_backups, all_frames=cfg.events_all))
@@ -168,6 +182,7 @@ def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
         if cfg.http:
             feed = OverlayFeed(thresholds, max_fps=cfg.stream_fps)
             sinks.append(feed)
+        gate = plc_sinks(cfg, sinks, station, thresholds, lambda: pipeline)
         sinks.extend(extra_sinks)
         notifier = SystemdNotifier()
         source_spec = SourceSpec(kind, target, frame_size=cfg.frame_size_wh(), fps=cfg.camera_fps)
@@ -175,7 +190,7 @@ def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
             source_spec, backend, Preprocessor(spec, cfg.frame_size_wh()), thresholds, sinks,
             max_frames=cfg.max_frames,
             backoff=Backoff(initial=cfg.reconnect_initial, maximum=cfg.reconnect_max),
-            max_reconnects=cfg.max_reconnects, min_region_area=cfg.min_region_area,
+            max_reconnects=cfg.max_reconnects, min_region_area=cfg.min_region_area, trigger=gate,
             notifier=notifier, watchdog=WatchdogFeeder.from_environment(notifier),
             model_info={"bundle": str(bundle.source), "model_file": backend.model_file.name,
                         "method": method, "backbone": backbone},
@@ -185,9 +200,11 @@ def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
             pipeline.sinks = list(sinks)
         if cfg.http:
             host, port = cfg.http_address()
-            server = RuntimeHttpServer(host, port, pipeline.snapshot, feed, read_timeout_s=cfg.http_read_timeout,
+            server = RuntimeHttpServer(host, port, pipeline.snapshot, feed, station=station,
+                                       read_timeout_s=cfg.http_read_timeout,
                                        max_clients=cfg.http_max_clients).start()
-            log.info("serving HTTP on %s (/, /stream.mjpg, /status, /metrics)", server.url)
+            log.info("operator page on %s (/, /stream.mjpg, /status, /metrics)%s", server.url,
+                     "; viewing needs a login (not loopback)" if server.view_requires_login else "")
         if on_pipeline is not None:
             on_pipeline(pipeline, server)
         with _signals_stop(pipeline):
@@ -207,6 +224,62 @@ def run_with_config(cfg, extra_sinks=(), on_pipeline=None) -> dict:
         backend.close()
     log.info("done: %s", pipeline.status_line())
     return summary.to_dict()
+
+
+def make_station(cfg, bundle, backend, thresholds, pipeline_of):
+    """The operator station (counters, recent scores, gallery, accounts, lead actions) when the
+    page or a PLC adapter shows it; None otherwise. ``pipeline_of()`` is the running pipeline."""
+    if not (cfg.http or cfg.opcua or cfg.modbus):
+        return None
+    from .accounts import Users
+    from .station import Station, model_identity, parse_shifts
+
+    users = Users.load(cfg.users) if cfg.users else None
+    state = {"thresholds": thresholds}
+
+    def apply(new):
+        state["thresholds"] = new
+        pipeline = pipeline_of()
+        if pipeline is not None:
+            pipeline.set_thresholds(new)
+
+    def current():
+        pipeline = pipeline_of()
+        return pipeline.thresholds if pipeline is not None else state["thresholds"]
+
+    station = Station(model=model_identity(bundle, backend, cfg.trusted_key), get_thresholds=current,
+                      apply_thresholds=apply, bundle_path=bundle.path if bundle.source.is_dir() else None,
+                      shifts=parse_shifts(cfg.shifts), save_ng=cfg.save_ng, captures=cfg.captures,
+                      users=users, overridden=cfg.image_threshold is not None or cfg.pixel_threshold is not None)
+    station.frames.size = 8 if cfg.captures else 0   # frames held for "save this frame"
+    if cfg.events and station.counts.restore_from_events(cfg.events):
+        log.info("counters continue from %s: %s", station.counts.restored_from, station.counts.state()["all"])
+    return station
+
+
+def plc_sinks(cfg, sinks: list, station, thresholds, pipeline_of):
+    """Start the OPC UA / Modbus servers (appended to ``sinks``); their counters continue from the
+    station's. Returns the trigger gate for ``--trigger opcua`` (None otherwise)."""
+    if not (cfg.opcua or cfg.modbus):
+        return None
+    from .plc import ModbusSink, OpcUaSink, TriggerGate
+
+    def status() -> dict:
+        pipeline = pipeline_of()
+        return pipeline.snapshot() if pipeline is not None else {"running": True, "source_connected": False}
+
+    counts = {k: v for k, v in station.counts.state()["all"].items()}
+    gate = TriggerGate() if cfg.trigger == "opcua" else None
+    if cfg.opcua:
+        sink = OpcUaSink(cfg.opcua, status=status, thresholds=thresholds,
+                         on_trigger=gate.fire if gate is not None else None, initial_counts=counts)
+        sinks.append(sink.start())
+        log.info("OPC UA server on %s%s", sink.url, " (Trigger() takes one frame)" if gate else "")
+    if cfg.modbus:
+        sink = ModbusSink(cfg.modbus, status=status, thresholds=thresholds, initial_counts=counts)
+        sinks.append(sink.start())
+        log.info("Modbus TCP server on %s (unit id 1)", cfg.modbus)
+    return gate
 
 
 def check_trust(bundle, trusted_key: str | None) -> None:
@@ -301,7 +374,7 @@ def _config_write_paths(ctx: click.Context, config: Path) -> list[str]:
     except ConfigError as exc:
         click.echo(f"error: {one_line(exc)}", err=True)
         ctx.exit(exc.exit_code)
-    paths = [values[k] for k in ("events", "save_ng", "trt_cache", "webhook_outbox") if values.get(k)]
+    paths = [values[k] for k in ("events", "save_ng", "trt_cache", "webhook_outbox", "captures") if values.get(k)]
     return paths
 
 
@@ -337,6 +410,82 @@ def install(ctx, config, user, watchdog, write_path, csi, python, unit_path) -> 
     click.echo(next_steps(path, opts, config_exists=Path(config).is_file()))
 
 
+# --------------------------------------------------------------------------- users
+
+
+@click.group("users")
+def users() -> None:
+    """Accounts for the operator page (viewer: sees it; lead: may change thresholds, capture)."""
+
+
+def _users_file_option(f):
+    return click.option("--file", "users_file", type=click.Path(path_type=Path), default=None,
+                        help="Users file [users.json beside the service config: /etc/edgestad/users.json].")(f)
+
+
+def _users_at(ctx, users_file, missing_ok):
+    from .accounts import Users, default_users_path
+
+    path = Path(users_file) if users_file else default_users_path(None)
+    try:
+        return Users.load(path, missing_ok=missing_ok)
+    except ConfigError as exc:
+        click.echo(f"error: {one_line(exc)}", err=True)
+        ctx.exit(exc.exit_code)
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["viewer", "lead"]), required=True)
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin (one line) instead of a prompt.")
+@click.option("--replace", is_flag=True, help="Replace an existing user's password and role.")
+@_users_file_option
+@click.pass_context
+def users_add(ctx, name, role, password_stdin, replace, users_file) -> None:
+    """Add user NAME (password hashed with scrypt; the file is written with mode 0600)."""
+    accounts = _users_at(ctx, users_file, missing_ok=True)
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    try:
+        accounts.add(name, role, password, replace=replace)
+        accounts.save()
+    except ConfigError as exc:
+        click.echo(f"error: {one_line(exc)}", err=True)
+        ctx.exit(exc.exit_code)
+    except OSError as exc:
+        click.echo(f"error: cannot write {accounts.path}: {exc.strerror or exc}", err=True)
+        ctx.exit(EXIT_OUTPUT)
+    click.echo(f"{name} ({role}) written to {accounts.path}; a running `edgestad run` reads it at start")
+
+
+@users.command("remove")
+@click.argument("name")
+@_users_file_option
+@click.pass_context
+def users_remove(ctx, name, users_file) -> None:
+    """Remove user NAME."""
+    accounts = _users_at(ctx, users_file, missing_ok=False)
+    try:
+        accounts.remove(name)
+        accounts.save()
+    except ConfigError as exc:
+        click.echo(f"error: {one_line(exc)}", err=True)
+        ctx.exit(exc.exit_code)
+    click.echo(f"{name} removed from {accounts.path}")
+
+
+@users.command("list")
+@_users_file_option
+@click.pass_context
+def users_list(ctx, users_file) -> None:
+    """List the users and their roles."""
+    accounts = _users_at(ctx, users_file, missing_ok=False)
+    for name, user in sorted(accounts.users.items()):
+        click.echo(f"{name}\t{user['role']}\t{user.get('created', '')}")
+
+
 def _one_line_group():
     from edgestad.cli import OneLineErrors
     return OneLineErrors
@@ -349,6 +498,7 @@ def main() -> None:
 
 main.add_command(run)
 main.add_command(service)
+main.add_command(users)
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,8 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 SOURCE_KEYS = ("camera", "video", "folder", "url", "gstreamer")
-PATH_KEYS = ("bundle", "video", "folder", "events", "save_ng", "trt_cache", "webhook_outbox", "trusted_key")
+PATH_KEYS = ("bundle", "video", "folder", "events", "save_ng", "trt_cache", "webhook_outbox", "trusted_key",
+             "captures", "users")
 
 
 @dataclass
@@ -45,7 +46,13 @@ class RunConfig:
     display: bool = False
     http: str | None = None  # "HOST:PORT"; default host 127.0.0.1
     http_read_timeout: float = 30.0  # s a connection may stay silent (idle keep-alive, slow request) before it is closed
-    http_max_clients: int = 32  # connections served at once; more get HTTP 503
+    http_max_clients: int = 32  # MJPEG / live-update streams at once; more get HTTP 503
+    shifts: str | None = None  # shift start times "06:00,14:00,22:00" (local time) for the page's counters
+    captures: str | None = None  # folder the page's "save this frame as good/defective" writes (MVTec layout)
+    users: str | None = None  # users file for the page's logins [users.json beside the config file]
+    opcua: str | None = None  # "HOST:PORT": OPC UA server for PLCs
+    modbus: str | None = None  # "HOST:PORT": Modbus TCP server for PLCs
+    trigger: str | None = None  # "opcua": inspect one frame per OPC UA Trigger() call
     stream_fps: float = 15.0  # MJPEG stream rate cap (encoding costs CPU)
     events: str | None = None  # folder for events.jsonl
     events_all: bool = False  # log OK frames too, not only NG and lifecycle events
@@ -140,6 +147,8 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             return value
         if key == "frame_size" and isinstance(value, list) and len(value) == 2:
             return f"{value[0]}x{value[1]}"
+        if key == "shifts" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)
     raise ConfigError(f"{origin}: key {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
 
 
@@ -229,6 +238,16 @@ def _validate(cfg: RunConfig, origin: str, source_origin: str | None = None) -> 
         cfg.frame_size_wh()
     if cfg.http:
         cfg.http_address()
+    for key in ("opcua", "modbus"):
+        if getattr(cfg, key):
+            parse_host_port(getattr(cfg, key), key)
+    if cfg.shifts:
+        from .station import parse_shifts
+        parse_shifts(cfg.shifts)
+    if cfg.trigger not in (None, "opcua"):
+        raise ConfigError(f"{origin}: trigger must be opcua (or unset), got {cfg.trigger!r}")
+    if cfg.trigger == "opcua" and not cfg.opcua:
+        raise ConfigError(f"{origin}: trigger = opcua needs an OPC UA server (--opcua HOST:PORT)")
     if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{origin}: log_level must be DEBUG, INFO, WARNING or ERROR, got {cfg.log_level!r}")
 

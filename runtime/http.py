@@ -1,37 +1,44 @@
-"""HTTP outputs: ``/`` page, ``/stream.mjpg`` overlay stream, ``/status`` JSON, ``/metrics``.
+"""The runtime's HTTP server: the operator page, its live updates, the stream and the API.
 
-Standard library only (``ThreadingHTTPServer``); ``/metrics`` is rendered by prometheus_client
-when it is installed and by a small writer of the same text format otherwise. The server binds
-127.0.0.1 unless told otherwise: the stream shows production parts, and the status page is not
-meant for the plant network without a reverse proxy in front.
+One event-driven server (aiohttp on its own asyncio loop in one thread): an idle or slow socket
+costs a file descriptor and a few kilobytes, never a thread, so a few hundred idle connections or
+clients that send one byte every ten seconds cannot take the page down (measured in
+``benchmarks/http_load.py``). The server binds 127.0.0.1 unless told otherwise.
 
-Overlays are JPEG-encoded lazily: only while a client watches, at most ``max_fps`` per second,
-once per frame whatever the number of clients. Without viewers the stream costs nothing.
+Endpoints (``GET`` and ``HEAD``):
 
-Limits, so that a misbehaving client or a burst on a plant network cannot exhaust the runtime:
+- ``/`` the operator page (``runtime/static/``: HTML, CSS and JS shipped with the package, no CDN);
+- ``/api/live`` server-sent events: the lamp's state after each part (at most 5 a second) and a
+  heartbeat every second; ``/api/state`` the same once (for polling clients);
+- ``/api/scores?minutes=N`` score trend and histogram; ``/api/gallery`` the newest NG/REVIEW parts
+  of the NG store (``--save-ng``); ``/ng/<file>`` their images and maps; ``/api/health``;
+  ``/api/thresholds`` the thresholds and their change history; ``/api/me`` who is logged in;
+- ``/stream.mjpg`` (``?overlay=0`` for the plain frames), ``/frame.jpg``, ``/status``, ``/metrics``.
 
-- ``read_timeout_s`` (default 30 s, ``http_read_timeout``): a connection that sends nothing for that
-  long (an idle keep-alive, a half-sent request) is closed and its thread ends. The same timeout
-  bounds each socket write, so a stream viewer that stops reading is dropped too.
-- ``max_clients`` (default 32, ``http_max_clients``): connections served at once (one thread
-  each, MJPEG viewers included). Beyond that a connection is answered ``503 Service Unavailable``
-  with ``Retry-After`` by one small rejector thread and closed, instead of starting a thread.
-- ``backlog`` (128): the listen queue, so a burst of connects waits for ``accept`` instead of
-  being refused by the kernel.
-- ``HEAD`` is answered for every path (headers only).
+State changes (``POST``, a lead's session and its CSRF token): ``/api/login``, ``/api/logout``,
+``/api/thresholds`` (image / REVIEW thresholds, recorded through ``edgestad thresholds``' path),
+``/api/thresholds/revert``, ``/api/capture`` (save a frame as good or defective for the next
+training). Viewing is open on loopback; bound to any other address it needs a login too.
+
+Limits: at most ``max_streams`` MJPEG/SSE streams in all (``http_max_clients``) and
+``max_streams_per_client`` per address (``429`` beyond it); a stream write that does not drain
+within ``read_timeout_s`` drops that viewer; request bodies ≤ 64 KiB; keep-alive connections are
+closed after ``read_timeout_s`` of silence. Overlays are JPEG-encoded lazily: only while someone
+watches, at most ``max_fps`` a second, once per frame whatever the number of viewers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import ipaddress
 import json
 import logging
 import math
-import queue
 import socket
 import threading
 import time
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable
 
 import cv2
@@ -39,14 +46,23 @@ import cv2
 from .errors import OutputError
 from .results import FrameResult, Thresholds, render_overlay
 from .sinks import Sink
+from .station import StationError
 
 log = logging.getLogger("edgestad.runtime.http")
 
 BOUNDARY = "edgestadframe"
+STATIC = Path(__file__).with_name("static")
+DEFAULT_READ_TIMEOUT_S = 30.0
+DEFAULT_MAX_CLIENTS = 32          # streams (MJPEG + live updates) at once
+DEFAULT_STREAMS_PER_CLIENT = 6    # per address: a tablet with the page and a stream open uses 2
+DEFAULT_BACKLOG = 512
+MAX_BODY = 64 * 1024
+LIVE_MIN_INTERVAL_S = 0.2
 
 
 class OverlayFeed(Sink):
-    """Keeps the latest result; encodes its overlay as JPEG on demand (cached per frame)."""
+    """Keeps the latest result; encodes its picture (overlay or plain) as JPEG on demand, cached
+    per frame, so any number of viewers cost one encoding per frame and no viewer costs none."""
 
     name = "http_stream"
 
@@ -57,37 +73,59 @@ class OverlayFeed(Sink):
         self._cond = threading.Condition()
         self._result: FrameResult | None = None
         self._seq = 0
-        self._jpeg: tuple[int, bytes] | None = None
+        self._jpeg: dict[bool, tuple[int, bytes]] = {}
+        self._listeners: list[Callable[[], None]] = []
         self.closed = False
+
+    def listen(self, callback: Callable[[], None]) -> None:
+        """``callback()`` after each new frame (from the output thread: must be quick)."""
+        self._listeners.append(callback)
 
     def handle(self, result: FrameResult) -> None:
         with self._cond:
             self._result = result
             self._seq += 1
             self._cond.notify_all()
+        for cb in self._listeners:
+            cb()
 
     def close(self) -> None:
         with self._cond:
             self.closed = True
             self._cond.notify_all()
+        for cb in self._listeners:
+            cb()
 
-    def wait_jpeg(self, after_seq: int, timeout: float) -> tuple[int, bytes] | None:
-        """The overlay JPEG of the first frame newer than ``after_seq``, or None on timeout/close."""
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    def jpeg(self, overlay: bool = True) -> tuple[int, bytes] | None:
+        """(frame sequence number, JPEG) of the latest frame, encoded at most once per frame."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._seq > after_seq or self.closed, timeout):
-                return None
-            if self._result is None:
-                return None
             seq, result = self._seq, self._result
-            if self._jpeg is not None and self._jpeg[0] == seq:
-                return self._jpeg
-        ok, buf = cv2.imencode(".jpg", render_overlay(result, self.thresholds),
-                               [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+            cached = self._jpeg.get(overlay)
+            if result is None:
+                return None
+            if cached is not None and cached[0] == seq:
+                return cached
+        picture = render_overlay(result, self.thresholds) if overlay else result.frame_bgr()
+        if picture is None:
+            return None
+        ok, buf = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
         if not ok:
             return None
         with self._cond:
-            self._jpeg = (seq, buf.tobytes())
-            return self._jpeg
+            self._jpeg[overlay] = (seq, buf.tobytes())
+            return self._jpeg[overlay]
+
+    def wait_jpeg(self, after_seq: int, timeout: float, overlay: bool = True) -> tuple[int, bytes] | None:
+        """The JPEG of the first frame newer than ``after_seq``, or None on timeout/close (for
+        threaded callers; the server itself never blocks a thread on it)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._seq > after_seq or self.closed, timeout):
+                return None
+        return self.jpeg(overlay)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -190,217 +228,157 @@ def render_metrics(snap: dict, use_prometheus_client: bool | None = None) -> tup
 
 # --------------------------------------------------------------------------- server
 
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>edgestad</title>
-<style>body{{font-family:sans-serif;margin:1em;background:#111;color:#eee}}img{{max-width:100%}}
-pre{{background:#222;padding:.5em}}</style></head><body>
-<h1>edgestad</h1><p>{source} &middot; {backend}</p>
-<p>OK <b id="ok">-</b> &middot; REVIEW <b id="rv">-</b> &middot; NG <b id="ng">-</b></p>
-<img id="stream" src="/stream.mjpg" alt="overlay stream">
-<p><a href="/status">/status</a> &middot; <a href="/metrics">/metrics</a></p>
-<pre id="s"></pre>
-<script>setInterval(()=>fetch('/status').then(r=>r.json()).then(j=>{{
-document.getElementById('ok').textContent=j.frames_processed-j.ng_count-(j.review_count||0);
-document.getElementById('rv').textContent=j.review_count||0;
-document.getElementById('ng').textContent=j.ng_count;
-document.getElementById('s').textContent=JSON.stringify({{fps:j.fps_recent,latency_ms:j.latency_ms,
-frames:j.frames_processed,ng:j.ng_count,dropped:j.frames_dropped,reconnects:j.reconnects}},null,1)}}),1000)</script>
-</body></html>"""
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
-DEFAULT_READ_TIMEOUT_S = 30.0
-DEFAULT_MAX_CLIENTS = 32
-DEFAULT_BACKLOG = 128
+def raise_open_file_limit() -> None:
+    """Idle sockets cost file descriptors: lift the soft limit to the hard one (Linux default
+    1024 would cap the server near a thousand idle connections)."""
+    try:
+        import resource
 
-_BUSY_BODY = b"too many connections; retry later\n"
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-         b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n"
-         % len(_BUSY_BODY)) + _BUSY_BODY
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536) if hard != resource.RLIM_INFINITY
+                                                         else 65536, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
-class _BoundedHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on connections served at once; the rest get a 503."""
-
-    daemon_threads = True
-
-    def __init__(self, address, handler, max_clients: int, backlog: int):
-        self.max_clients = int(max_clients)
-        self.request_queue_size = int(backlog)  # read by server_activate() -> listen(backlog)
-        self.active = 0
-        self.rejected = 0
-        self.served = 0
-        self._count_lock = threading.Lock()
-        # Rejections are answered by one thread, never one per connection; a flood beyond this
-        # queue is closed without an answer.
-        self._reject_q: queue.Queue = queue.Queue(maxsize=256)
-        self._rejector = threading.Thread(target=self._reject_loop, name="edgestad-http-503", daemon=True)
-        super().__init__(address, handler)
-        self._rejector.start()
-
-    def process_request(self, request, client_address):
-        with self._count_lock:
-            admit = self.active < self.max_clients
-            if admit:
-                self.active += 1
-                self.served += 1
-            else:
-                self.rejected += 1
-        if admit:
-            try:
-                super().process_request(request, client_address)  # starts the connection's thread
-            except BaseException:
-                self._release()
-                raise
-            return
-        try:
-            self._reject_q.put_nowait(request)
-        except queue.Full:
-            self.shutdown_request(request)
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        with self._count_lock:
-            self.active -= 1
-
-    def _reject_loop(self) -> None:
-        while True:
-            sock = self._reject_q.get()
-            if sock is None:
-                return
-            try:
-                sock.settimeout(0.5)
-                sock.sendall(_BUSY)
-                sock.shutdown(socket.SHUT_WR)
-                # Read what the client sent (until it closes, 0.5 s at most) so that closing does
-                # not reset the connection before the client has read the 503.
-                deadline = time.monotonic() + 0.5
-                while time.monotonic() < deadline and sock.recv(65536):
-                    pass
-            except OSError:
-                pass
-            finally:
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-
-    def server_close(self):
-        super().server_close()
-        try:
-            self._reject_q.put_nowait(None)
-        except queue.Full:
-            pass
+def _gone(request) -> bool:
+    """The viewer closed its connection (noticed between frames, without a write)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 class RuntimeHttpServer:
-    """Serves the runtime's HTTP endpoints, one daemon thread per connection (bounded)."""
+    """The operator page, live updates, stream and API on one asyncio loop (one thread)."""
 
     def __init__(self, host: str, port: int, snapshot: Callable[[], dict], feed: OverlayFeed, *,
-                 read_timeout_s: float = DEFAULT_READ_TIMEOUT_S, max_clients: int = DEFAULT_MAX_CLIENTS,
+                 station=None, read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+                 max_clients: int = DEFAULT_MAX_CLIENTS,
+                 max_streams_per_client: int = DEFAULT_STREAMS_PER_CLIENT,
                  backlog: int = DEFAULT_BACKLOG):
-        if read_timeout_s <= 0 or max_clients < 1 or backlog < 1:
+        try:
+            from aiohttp import web  # noqa: F401
+        except ImportError:
+            raise OutputError("--http needs the aiohttp package (pip install aiohttp)") from None
+        if read_timeout_s <= 0 or max_clients < 1 or backlog < 1 or max_streams_per_client < 1:
             raise OutputError(f"HTTP limits must be positive (read timeout {read_timeout_s}, "
                               f"max clients {max_clients}, backlog {backlog})")
         self.snapshot = snapshot
         self.feed = feed
+        self.station = station
         self.read_timeout_s = float(read_timeout_s)
-        self._stopping = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            server_version = "edgestad"
-            timeout = server.read_timeout_s  # socket timeout: idle reads and stalled writes
-            _head = False
-
-            def log_message(self, fmt, *args):  # access logs would flood journald at MJPEG rates
-                log.debug("%s %s", self.address_string(), fmt % args)
-
-            def do_HEAD(self):  # noqa: N802 - http.server naming
-                self._head = True
-                try:
-                    self.do_GET()
-                finally:
-                    self._head = False
-
-            def do_GET(self):  # noqa: N802 - http.server naming
-                path = self.path.split("?", 1)[0]
-                try:
-                    if path == "/":
-                        snap = server.snapshot()
-                        self._send(200, _PAGE.format(source=snap["source"], backend=snap["backend"]).encode(),
-                                   "text/html; charset=utf-8")
-                    elif path == "/status":
-                        self._send(200, json.dumps(server.snapshot(), default=str).encode(), "application/json")
-                    elif path == "/metrics":
-                        body, ctype = render_metrics(server.snapshot())
-                        self._send(200, body, ctype)
-                    elif path == "/stream.mjpg":
-                        self._stream()
-                    else:
-                        self._send(404, b"not found\n", "text/plain")
-                except OSError:  # client gone, or a write blocked past the timeout
-                    self.close_connection = True
-
-            def _send(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                if not self._head:
-                    self.wfile.write(body)
-
-            def _stream(self) -> None:
-                self.close_connection = True
-                self.send_response(HTTPStatus.OK)
-                self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}")
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                if self._head:
-                    return
-                seq = 0
-                while not server._stopping.is_set():
-                    got = server.feed.wait_jpeg(seq, timeout=1.0)
-                    if got is None:
-                        if server.feed.closed:
-                            return
-                        continue
-                    seq, jpeg = got
-                    sent_at = time.monotonic()
-                    self.wfile.write(
-                        f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
-                        + jpeg + b"\r\n"
-                    )
-                    self.wfile.flush()
-                    # Rate cap per client (at most max_fps parts a second): skip frames, never queue them.
-                    wait = sent_at + server.feed.min_interval - time.monotonic()
-                    if wait > 0:
-                        server._stopping.wait(wait)
-
-        try:
-            self.httpd = _BoundedHTTPServer((host, port), Handler, max_clients=max_clients, backlog=backlog)
+        self.max_streams = int(max_clients)
+        self.max_streams_per_client = int(max_streams_per_client)
+        self.backlog = int(backlog)
+        self.view_requires_login = not is_loopback(host)
+        self.streams: dict[str, int] = {}
+        self.rejected_connections = 0
+        self._loop = asyncio.new_event_loop()
+        self._encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgestad-jpeg")
+        self._work = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgestad-http-work")
+        self._frame_event: asyncio.Event | None = None
+        self._result_event: asyncio.Event | None = None
+        self._watchers = 0
+        self._stopping = False
+        raise_open_file_limit()
+        feed.listen(self._from_output_thread("_frame_event"))
+        if station is not None:
+            station.sink.listen(self._from_output_thread("_result_event"))
+        started = threading.Event()
+        self._start_error: BaseException | None = None
+        self._host, self._port = host, port
+        try:   # bound here, so a port in use is an error of the constructor, as before
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._sock = socket.create_server((host, port), family=family, backlog=self.backlog)
         except OSError as exc:
-            raise OutputError(f"cannot serve HTTP on {host}:{port}: {exc}") from None
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="edgestad-http", daemon=True)
+            self._loop.close()
+            raise OutputError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from None
+        self._address = self._sock.getsockname()[:2]
+        self._thread = threading.Thread(target=self._serve, args=(started,), name="edgestad-http",
+                                        daemon=True)
+        self._started = started
 
-    @property
-    def active_connections(self) -> int:
-        return self.httpd.active
+    # ------------------------------------------------------------------ loop and lifecycle
 
-    @property
-    def rejected_connections(self) -> int:
-        return self.httpd.rejected
+    def _from_output_thread(self, attr: str) -> Callable[[], None]:
+        """A callback for the output thread that wakes the loop's waiters, only when there are
+        any (without viewers the page costs nothing per frame)."""
+        def notify() -> None:
+            if self._watchers and not self._loop.is_closed():
+                try:
+                    self._loop.call_soon_threadsafe(self._wake, attr)
+                except RuntimeError:   # loop closed meanwhile
+                    pass
+        return notify
+
+    def _wake(self, attr: str) -> None:
+        event = getattr(self, attr)
+        if event is not None:
+            event.set()
+            setattr(self, attr, asyncio.Event())
+
+    def _serve(self, started: threading.Event) -> None:
+        from aiohttp import web
+
+        asyncio.set_event_loop(self._loop)
+        self._frame_event = asyncio.Event()
+        self._result_event = asyncio.Event()
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
+        self._routes(app)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=self.read_timeout_s, shutdown_timeout=1.0)
+        try:
+            self._loop.run_until_complete(self._runner.setup())
+            site = web.SockSite(self._runner, self._sock, backlog=self.backlog)
+            self._loop.run_until_complete(site.start())
+        except BaseException as exc:  # noqa: BLE001 - reported by start()
+            self._start_error = exc
+            started.set()
+            return
+        started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.close()
+
+    def start(self) -> "RuntimeHttpServer":
+        self._thread.start()
+        self._started.wait(30)
+        if self._start_error is not None:
+            exc = self._start_error
+            raise OutputError(f"cannot serve HTTP on {self._host}:{self._port}: {exc}") from None
+        return self
+
+    def close(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self.feed.close()
+        if self._thread.is_alive():
+            def stop() -> None:
+                for attr in ("_frame_event", "_result_event"):
+                    self._wake(attr)
+                self._loop.stop()
+            self._loop.call_soon_threadsafe(stop)
+            self._thread.join(timeout=10)
+        else:   # never started: release the bound socket and the loop
+            self._sock.close()
+            self._loop.close()
+        self._encoder.shutdown(wait=False)
+        self._work.shutdown(wait=False)
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.httpd.server_address[:2]
+        host, port = self._address
         return str(host), int(port)
 
     @property
@@ -408,13 +386,360 @@ class RuntimeHttpServer:
         host, port = self.address
         return f"http://{host}:{port}"
 
-    def start(self) -> "RuntimeHttpServer":
-        self._thread.start()
-        return self
+    @property
+    def active_streams(self) -> int:
+        return sum(self.streams.values())
 
-    def close(self) -> None:
-        self._stopping.set()
-        self.feed.close()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(timeout=5)
+    # ------------------------------------------------------------------ routing and guards
+
+    def _routes(self, app) -> None:
+        from aiohttp import web
+
+        get = [("/", self.page), ("/static/{name}", self.static), ("/status", self.status),
+               ("/metrics", self.metrics), ("/stream.mjpg", self.stream), ("/frame.jpg", self.frame),
+               ("/api/live", self.live), ("/api/state", self.state), ("/api/scores", self.scores),
+               ("/api/gallery", self.gallery), ("/ng/{name}", self.ng_file), ("/api/health", self.health),
+               ("/api/thresholds", self.thresholds), ("/api/me", self.me)]
+        post = [("/api/login", self.login), ("/api/logout", self.logout),
+                ("/api/thresholds", self.set_thresholds), ("/api/thresholds/revert", self.revert),
+                ("/api/capture", self.capture)]
+        app.router.add_routes([web.get(p, h) for p, h in get] + [web.post(p, h) for p, h in post])
+
+    OPEN_PATHS = ("/", "/api/me", "/api/login", "/api/logout")
+
+    @staticmethod
+    def _client(request) -> str:
+        return request.remote or "?"
+
+    def _session(self, request):
+        if self.station is None:
+            return None
+        return self.station.sessions.get(request.cookies.get("edgestad_session"))
+
+    async def _guard_impl(self, request, handler):
+        from aiohttp import web
+
+        path = request.path
+        if (self.view_requires_login and request.method in ("GET", "HEAD")
+                and path not in self.OPEN_PATHS and not path.startswith("/static/")
+                and self._session(request) is None):
+            return web.json_response({"error": "log in to view this station"}, status=401)
+        if request.method == "POST" and path not in ("/api/login", "/api/logout"):
+            session = self._session(request)
+            if session is None:
+                return web.json_response({"error": "log in as a lead to change anything"}, status=401)
+            if request.headers.get("X-CSRF-Token") != session.csrf:
+                return web.json_response({"error": "missing or wrong CSRF token; reload the page"},
+                                         status=403)
+            if session.role != "lead":
+                return web.json_response({"error": f"{session.user} is a viewer; changes need a lead"},
+                                         status=403)
+        try:
+            return await handler(request)
+        except StationError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+
+    @property
+    def _guard(self):
+        from aiohttp import web
+
+        @web.middleware
+        async def guard(request, handler):
+            return await self._guard_impl(request, handler)
+        return guard
+
+    async def _json_body(self, request) -> dict:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise StationError("the request body must be JSON") from None
+        if not isinstance(body, dict):
+            raise StationError("the request body must be a JSON object")
+        return body
+
+    def _need_station(self):
+        if self.station is None:
+            raise StationError("the operator station is not enabled in this runtime", 404)
+        return self.station
+
+    async def _in_worker(self, fn, *args):
+        return await self._loop.run_in_executor(self._work, fn, *args)
+
+    # ------------------------------------------------------------------ pages and plain data
+
+    async def page(self, request):
+        from aiohttp import web
+
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def static(self, request):
+        from aiohttp import web
+
+        name = request.match_info["name"]
+        path = STATIC / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    async def status(self, request):
+        from aiohttp import web
+
+        return web.Response(text=json.dumps(self.snapshot(), default=str), content_type="application/json",
+                            headers={"Cache-Control": "no-store"})
+
+    async def metrics(self, request):
+        from aiohttp import web
+
+        body, ctype = render_metrics(self.snapshot())
+        resp = web.Response(body=body, headers={"Cache-Control": "no-store"})
+        resp.headers["Content-Type"] = ctype
+        return resp
+
+    def _state(self) -> dict:
+        snap = self.snapshot()
+        if self.station is None:
+            last = snap.get("last_result") or {}
+            return {"decision": last.get("decision"), "score": last.get("score"), "snapshot": snap}
+        return self.station.state(snap)
+
+    async def state(self, request):
+        from aiohttp import web
+
+        return web.json_response(self._state(), headers={"Cache-Control": "no-store"},
+                                 dumps=lambda o: json.dumps(o, default=str))
+
+    async def scores(self, request):
+        from aiohttp import web
+
+        station = self._need_station()
+        try:
+            minutes = float(request.query.get("minutes", "10"))
+            if not 0 < minutes <= 24 * 60 or math.isnan(minutes):
+                raise ValueError
+        except ValueError:
+            raise StationError(f"minutes: a number of minutes in (0, 1440], got "
+                               f"{request.query.get('minutes')!r}") from None
+        return web.json_response(station.scores_summary(minutes), headers={"Cache-Control": "no-store"})
+
+    async def gallery(self, request):
+        from aiohttp import web
+
+        station = self._need_station()
+        try:
+            n = int(request.query.get("n", "24"))
+        except ValueError:
+            raise StationError(f"n: a whole number, got {request.query.get('n')!r}") from None
+        items = await self._in_worker(station.gallery.items, max(0, min(n, 200)))
+        return web.json_response({"enabled": station.gallery.folder is not None, "items": items},
+                                 headers={"Cache-Control": "no-store"})
+
+    async def ng_file(self, request):
+        from aiohttp import web
+
+        station = self._need_station()
+        name = request.match_info["name"]
+        if name.endswith("_map.png"):
+            png = await self._in_worker(station.gallery.map_png, name[: -len("_map.png")],
+                                        station.current_thresholds().pixel)
+            if png is None:
+                raise web.HTTPNotFound()
+            return web.Response(body=png, content_type="image/png")
+        path = station.gallery.path(name)
+        if path is None or name.endswith(".npy"):
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    async def health(self, request):
+        from aiohttp import web
+
+        station = self._need_station()
+        return web.json_response(await self._in_worker(station.health))
+
+    async def thresholds(self, request):
+        from aiohttp import web
+
+        station = self._need_station()
+        return web.json_response(await self._in_worker(station.thresholds_info))
+
+    async def me(self, request):
+        from aiohttp import web
+
+        session = self._session(request)
+        station = self.station
+        return web.json_response({
+            "user": session.user if session else None, "role": session.role if session else None,
+            "csrf": session.csrf if session else None,
+            "login_required_to_view": self.view_requires_login,
+            "accounts": bool(station is not None and station.users is not None and station.users.users),
+            "station": station is not None,
+        }, headers={"Cache-Control": "no-store"})
+
+    # ------------------------------------------------------------------ streams
+
+    def _open_stream(self, request) -> str:
+        from aiohttp import web
+
+        client = self._client(request)
+        if self.active_streams >= self.max_streams:
+            self.rejected_connections += 1
+            raise web.HTTPServiceUnavailable(text="too many viewers; retry later\n",
+                                             headers={"Retry-After": "1"})
+        if self.streams.get(client, 0) >= self.max_streams_per_client:
+            self.rejected_connections += 1
+            raise web.HTTPTooManyRequests(text=f"at most {self.max_streams_per_client} streams "
+                                               f"per client\n", headers={"Retry-After": "5"})
+        self.streams[client] = self.streams.get(client, 0) + 1
+        self._watchers += 1
+        return client
+
+    def _close_stream(self, client: str) -> None:
+        self._watchers -= 1
+        self.streams[client] -= 1
+        if not self.streams[client]:
+            del self.streams[client]
+
+    async def _write(self, resp, data: bytes) -> None:
+        await asyncio.wait_for(resp.write(data), timeout=self.read_timeout_s)
+
+    async def stream(self, request):
+        from aiohttp import web
+
+        overlay = request.query.get("overlay", "1") != "0"
+        resp = web.StreamResponse(headers={
+            "Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+            "Cache-Control": "no-store", "Connection": "close"})
+        if request.method == "HEAD":
+            await resp.prepare(request)
+            return resp
+        client = self._open_stream(request)
+        try:
+            await resp.prepare(request)
+            seq = -1
+            while not self._stopping and not self.feed.closed and not _gone(request):
+                if self.feed.seq == seq or self.feed.seq == 0:
+                    try:
+                        await asyncio.wait_for(self._frame_event.wait(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                got = await self._loop.run_in_executor(self._encoder, self.feed.jpeg, overlay)
+                if got is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                seq, jpeg = got
+                sent_at = time.monotonic()
+                await self._write(resp, f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
+                                        f"Content-Length: {len(jpeg)}\r\n\r\n".encode() + jpeg + b"\r\n")
+                # Rate cap per viewer (at most max_fps parts a second): skip frames, never queue them.
+                wait = sent_at + self.feed.min_interval - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+        except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
+            pass
+        finally:
+            self._close_stream(client)
+        return resp
+
+    async def frame(self, request):
+        from aiohttp import web
+
+        overlay = request.query.get("overlay", "1") != "0"
+        got = await self._loop.run_in_executor(self._encoder, self.feed.jpeg, overlay)
+        if got is None:
+            raise web.HTTPNotFound(text="no frame yet\n")
+        return web.Response(body=got[1], content_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    async def live(self, request):
+        """Server-sent events: the lamp's state after each part (≤ 5/s), a heartbeat each second."""
+        from aiohttp import web
+
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+        if request.method == "HEAD":
+            await resp.prepare(request)
+            return resp
+        client = self._open_stream(request)
+        try:
+            await resp.prepare(request)
+            await self._write(resp, b"retry: 1000\n\n")
+            while not self._stopping and not _gone(request):
+                sent_at = time.monotonic()
+                data = json.dumps(self._state(), default=str, separators=(",", ":"))
+                await self._write(resp, f"data: {data}\n\n".encode())
+                event = self._result_event if self.station is not None else self._frame_event
+                try:
+                    await asyncio.wait_for(event.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+                wait = sent_at + LIVE_MIN_INTERVAL_S - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+        except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
+            pass
+        finally:
+            self._close_stream(client)
+        return resp
+
+    # ------------------------------------------------------------------ accounts and changes
+
+    async def login(self, request):
+        from aiohttp import web
+
+        station = self._need_station()
+        body = await self._json_body(request)
+        user, password = body.get("user"), body.get("password")
+        if not isinstance(user, str) or not isinstance(password, str):
+            raise StationError("user and password are needed")
+        if station.users is None or not station.users.users:
+            raise StationError("no accounts on this station: add a lead with `edgestad users add NAME "
+                               "--role lead` and restart the runtime", 403)
+        client = self._client(request)
+        keys = (f"addr:{client}", f"user:{user}")
+        wait = station.sessions.blocked_for(*keys)
+        if wait > 0:
+            return web.json_response({"error": f"too many failed logins; try again in {math.ceil(wait)} s"},
+                                     status=429, headers={"Retry-After": str(math.ceil(wait))})
+        role = await self._in_worker(station.users.check, user, password)
+        if role is None:
+            station.sessions.failed(*keys)
+            log.warning("failed login for %r from %s", user, client)
+            raise StationError("unknown user or wrong password", 401)
+        token, session = station.sessions.create(user, role)
+        log.info("%s (%s) logged in from %s", user, role, client)
+        resp = web.json_response({"user": user, "role": role, "csrf": session.csrf})
+        resp.set_cookie("edgestad_session", token, httponly=True, samesite="Strict", path="/",
+                        max_age=int(station.sessions.lifetime_s))
+        return resp
+
+    async def logout(self, request):
+        from aiohttp import web
+
+        if self.station is not None:
+            self.station.sessions.end(request.cookies.get("edgestad_session"))
+        resp = web.json_response({"user": None})
+        resp.del_cookie("edgestad_session", path="/")
+        return resp
+
+    async def set_thresholds(self, request):
+        from aiohttp import web
+
+        station = self._need_station()
+        body = await self._json_body(request)
+        entry = await self._in_worker(station.change_thresholds, self._session(request).user, body)
+        return web.json_response(entry)
+
+    async def revert(self, request):
+        from aiohttp import web
+
+        station = self._need_station()
+        body = await self._json_body(request)
+        entry = await self._in_worker(station.revert_thresholds, self._session(request).user, body)
+        return web.json_response(entry)
+
+    async def capture(self, request):
+        from aiohttp import web
+
+        station = self._need_station()
+        body = await self._json_body(request)
+        out = await self._in_worker(station.capture, self._session(request).user, body)
+        return web.json_response(out)

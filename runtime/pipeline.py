@@ -122,6 +122,7 @@ class Pipeline:
         source_factory: Callable[[], Any] | None = None,
         model_info: dict | None = None,
         status_interval_s: float = 5.0,
+        trigger=None,
     ):
         self.spec = source
         self.backend = backend
@@ -135,6 +136,7 @@ class Pipeline:
         self.watchdog = watchdog
         self.model_info = dict(model_info or {})
         self.status_interval_s = status_interval_s
+        self.trigger = trigger   # a TriggerGate: one frame per PLC trigger
         self.stop_event = threading.Event()
         self.stopped_by_signal = False
         live = source.live
@@ -178,6 +180,19 @@ class Pipeline:
             self.stopped_by_signal = True
         self.stop_event.set()
 
+    def set_thresholds(self, thresholds: Thresholds) -> None:
+        """New thresholds from the next frame on (the operator page's recorded change): the
+        pipeline's and every output's that draws or decides with them."""
+        self.thresholds = thresholds
+        for sink in self.sinks:
+            if hasattr(sink, "set_thresholds"):
+                sink.set_thresholds(thresholds)
+            elif hasattr(sink, "thresholds"):
+                sink.thresholds = thresholds
+        self._emit(lifecycle_event("thresholds", image_threshold=thresholds.image,
+                                   pixel_threshold=thresholds.pixel,
+                                   review_threshold=thresholds.review))
+
     def _prepare(self, frame: Frame) -> np.ndarray:
         return self.preprocessor(frame.image, frame.color, frame.name or f"frame {frame.index}")
 
@@ -217,7 +232,8 @@ class Pipeline:
         if self.watchdog is not None:
             self.watchdog.start()
         self._grabber = FrameGrabber(self.source, self._prepare, self.slot, self.stop_event,
-                                     on_bad=self._on_bad_frame, max_frames=self.max_frames)
+                                     on_bad=self._on_bad_frame, max_frames=self.max_frames,
+                                     gate=self.trigger, on_idle=self._idle)
         self._grabber.start()
         fatal: BaseException | None = None
         try:
@@ -240,6 +256,11 @@ class Pipeline:
         if fatal is not None:
             raise fatal
         return summary
+
+    def _idle(self) -> None:
+        """Waiting for a trigger: alive (the watchdog keeps being fed), not stuck."""
+        if self.watchdog is not None:
+            self.watchdog.frame_done()
 
     def _stop_reason(self, fatal: BaseException | None) -> str:
         if fatal is not None:
@@ -385,7 +406,7 @@ class Pipeline:
     def snapshot(self) -> dict:
         """Everything /status and /metrics report (JSON-serialisable)."""
         s = self.summary().to_dict()
-        lat = self.window.percentiles("latency")
+        lat = self.window.percentiles("latency", (0.5, 0.9, 0.95, 0.99))
         inf = self.window.percentiles("inference")
         now = time.monotonic()
         last = self.last_result
@@ -403,7 +424,8 @@ class Pipeline:
                 "source_last_error": self.source.counters.last_error,
                 "last_result_age_s": round(now - self.last_result_time, 3) if self.last_result_time else None,
                 "started": self.started_wall,
-                "thresholds": {"image": self.thresholds.image, "pixel": self.thresholds.pixel},
+                "thresholds": {"image": self.thresholds.image, "pixel": self.thresholds.pixel,
+                               "review": self.thresholds.review},
                 "last_result": last.to_event() if last is not None else None,
                 "sink_failures": dict(self.sink_failures),
                 "output_queue": self._out.qsize(),

@@ -89,6 +89,7 @@ class FrameResult:
     frame_size: tuple[int, int] = (0, 0)  # (width, height) of the captured image
     is_review: bool = False  # inside the bundle's REVIEW band (never together with is_ng)
     roi: tuple[int, int, int, int] | None = None  # x, y, w, h of the frame the map covers (None: all)
+    counts: dict | None = None  # the station's counters after this part (written into its event)
 
     @property
     def decision(self) -> str:
@@ -123,6 +124,7 @@ class FrameResult:
             "frame_size": list(self.frame_size),
             "regions": [r.to_dict() for r in self.regions],
             "regions_total": self.regions_total,
+            **({"counts": self.counts} if self.counts is not None else {}),
         }
 
     def frame_bgr(self) -> np.ndarray | None:

@@ -462,8 +462,12 @@ class FrameGrabber(threading.Thread):
         stop: threading.Event,
         on_bad: Callable[[FrameError, Frame | None], None] | None = None,
         max_frames: int | None = None,
+        gate=None,
+        on_idle: Callable[[], None] | None = None,
     ):
         super().__init__(name="edgestad-capture", daemon=True)
+        self.gate = gate        # a TriggerGate: read one frame per trigger (--trigger opcua)
+        self.on_idle = on_idle or (lambda: None)   # waiting for a trigger is healthy, not stuck
         self.source = source
         self.prepare = prepare
         self.slot = slot
@@ -478,6 +482,9 @@ class FrameGrabber(threading.Thread):
             while not self.stop_event.is_set():
                 if self.max_frames is not None and self.captured >= self.max_frames:
                     break
+                if self.gate is not None and not self.gate.wait(self.stop_event, timeout=0.5):
+                    self.on_idle()
+                    continue
                 try:
                     frame = self.source.read()
                 except FrameError as exc:

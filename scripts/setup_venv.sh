@@ -11,6 +11,6 @@ STAMP=.venv/.edgestad-installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[train,export,service,dev]"
+  .venv/bin/python -m pip install -q -e ".[train,export,service,plc,dev]"
   touch "$STAMP"
 fi

@@ -1,8 +1,14 @@
 """Small helpers the runtime tests share: a free loopback port and polling until a condition holds."""
 from __future__ import annotations
 
+import base64
+import json
+import shutil
 import socket
+import subprocess
 import time
+import urllib.error
+import urllib.request
 
 
 def free_port() -> int:
@@ -19,3 +25,71 @@ def wait_for(pred, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.02)
     return pred()
+
+
+# ------------------------------------------------------------------ headless Chromium
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+CHROMIUM_MISSING = ("headless Chromium test needs the chromium and chromedriver binaries "
+                    "(Debian: chromium, chromium-driver; bash scripts/install_services.sh installs them)")
+
+
+class WebDriver:
+    """The few W3C WebDriver commands the test needs, over chromedriver's loopback HTTP port."""
+
+    def __init__(self, tmp_path, window: str = "1280,720"):
+        self.port = free_port()
+        self.proc = subprocess.Popen([CHROMEDRIVER, f"--port={self.port}", "--allowed-ips=127.0.0.1"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.base = f"http://127.0.0.1:{self.port}"
+        end = time.monotonic() + 20
+        while True:
+            try:
+                self._call("GET", "/status")
+                break
+            except OSError:
+                if time.monotonic() > end or self.proc.poll() is not None:
+                    raise RuntimeError("chromedriver did not start")
+                time.sleep(0.1)
+        caps = {"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "pageLoadStrategy": "eager",  # the MJPEG stream never finishes loading
+            "goog:chromeOptions": {"binary": CHROMIUM, "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                f"--window-size={window}"]},
+        }}}
+        self.session = self._call("POST", "/session", caps)["sessionId"]
+
+    def _call(self, method, path, body=None, timeout=60):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())["value"]
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"webdriver {method} {path}: {exc.read()[:500]!r}") from None
+
+    def get(self, url):
+        self._call("POST", f"/session/{self.session}/url", {"url": url})
+
+    def js(self, script):
+        return self._call("POST", f"/session/{self.session}/execute/sync", {"script": script, "args": []})
+
+    def screenshot(self) -> bytes:
+        return base64.b64decode(self._call("GET", f"/session/{self.session}/screenshot"))
+
+    def quit(self):
+        try:
+            self._call("DELETE", f"/session/{self.session}", timeout=20)
+        except Exception:  # noqa: BLE001
+            pass
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -126,28 +126,38 @@ def _stop(proc):
 
 
 def test_run_http_limits_come_from_the_options(tmp_path):
+    import http.client
     import re
-    import socket
     import time
-    import urllib.error
-    import urllib.request
 
     proc = _start_run(tmp_path, "--http", "127.0.0.1:0", "--http-read-timeout", "0.5", "--http-max-clients", "1")
     try:
         line = ""
         end = time.monotonic() + 60
-        while "serving HTTP on" not in line and time.monotonic() < end:
+        while "operator page on" not in line and time.monotonic() < end:
             line = proc.stderr.readline()
-        port = int(re.search(r"serving HTTP on http://127\.0\.0\.1:(\d+)", line).group(1))
-        idle = socket.create_connection(("127.0.0.1", port), timeout=10)
-        time.sleep(0.2)
-        with pytest.raises(urllib.error.HTTPError) as err:  # the one slot is taken
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10)
-        assert err.value.code == 503
+        port = int(re.search(r"operator page on http://127\.0\.0\.1:(\d+)", line).group(1))
+
+        def stream():
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            c.request("GET", "/stream.mjpg")
+            return c, c.getresponse()
+
+        held, r = stream()
+        assert r.status == 200
+        extra, r2 = stream()                       # the one stream slot is taken
+        assert r2.status == 503
+        r2.close()
+        extra.close()
+        assert _status_ok(port)                    # the page and the API are not streams
+        r.close()
+        held.close()
+        keep = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        keep.request("GET", "/status")
+        assert keep.getresponse().read()
         t0 = time.monotonic()
-        assert idle.recv(1) == b"" and time.monotonic() - t0 < 3  # closed after 0.5 s of silence
-        idle.close()
-        assert wait_for(lambda: _status_ok(port), timeout=30.0)
+        assert keep.sock.recv(1) == b"" and time.monotonic() - t0 < 3  # closed after 0.5 s of silence
+        keep.close()
     finally:
         out, err = _stop(proc)
     assert proc.returncode == 0, err
