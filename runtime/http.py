@@ -601,19 +601,30 @@ class RuntimeHttpServer:
     async def _write(self, resp, data: bytes) -> None:
         await asyncio.wait_for(resp.write(data), timeout=self.read_timeout_s)
 
-    async def stream(self, request):
+    async def _serve_stream(self, request, headers: dict, parts) -> Any:
+        """A long response (MJPEG or server-sent events): HEAD answers headers only; otherwise the
+        stream counts against the bounds while ``parts(resp)`` writes it, until the viewer goes, a
+        write does not drain in time, or the server stops."""
         from aiohttp import web
 
-        overlay = request.query.get("overlay", "1") != "0"
-        resp = web.StreamResponse(headers={
-            "Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
-            "Cache-Control": "no-store", "Connection": "close"})
+        resp = web.StreamResponse(headers=headers)
         if request.method == "HEAD":
             await resp.prepare(request)
             return resp
         client = self._open_stream(request)
         try:
             await resp.prepare(request)
+            await parts(resp)
+        except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
+            pass
+        finally:
+            self._close_stream(client)
+        return resp
+
+    async def stream(self, request):
+        overlay = request.query.get("overlay", "1") != "0"
+
+        async def parts(resp) -> None:
             seq = -1
             while not self._stopping and not self.feed.closed and not _gone(request):
                 if self.feed.seq == seq or self.feed.seq == 0:
@@ -634,11 +645,10 @@ class RuntimeHttpServer:
                 wait = sent_at + self.feed.min_interval - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-        except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
-            pass
-        finally:
-            self._close_stream(client)
-        return resp
+
+        return await self._serve_stream(request, {
+            "Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+            "Cache-Control": "no-store", "Connection": "close"}, parts)
 
     async def frame(self, request):
         from aiohttp import web
@@ -651,16 +661,7 @@ class RuntimeHttpServer:
 
     async def live(self, request):
         """Server-sent events: the lamp's state after each part (≤ 5/s), a heartbeat each second."""
-        from aiohttp import web
-
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no"})
-        if request.method == "HEAD":
-            await resp.prepare(request)
-            return resp
-        client = self._open_stream(request)
-        try:
-            await resp.prepare(request)
+        async def parts(resp) -> None:
             await self._write(resp, b"retry: 1000\n\n")
             while not self._stopping and not _gone(request):
                 sent_at = time.monotonic()
@@ -674,11 +675,9 @@ class RuntimeHttpServer:
                 wait = sent_at + LIVE_MIN_INTERVAL_S - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-        except (ConnectionError, asyncio.TimeoutError, asyncio.CancelledError):
-            pass
-        finally:
-            self._close_stream(client)
-        return resp
+
+        return await self._serve_stream(request, {"Content-Type": "text/event-stream",
+                                                  "Cache-Control": "no-store", "X-Accel-Buffering": "no"}, parts)
 
     # ------------------------------------------------------------------ accounts and changes
 
