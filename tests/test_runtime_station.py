@@ -179,6 +179,7 @@ def test_page_lamp_gallery_and_a_leads_threshold_change(station, tmp_path):
         station.plan["mode"] = "good"
         shots(driver, "station_ng")
         # the gallery shows the newest NG parts of the NG store, newest first
+        assert wait_for(lambda: len(list((station.root / "ng").glob("*.json"))) >= 3, 10)
         store = sorted((p.stem for p in (station.root / "ng").glob("*.json")), reverse=True)
         assert wait_for(lambda: driver.js(PAGE_STATE)["thumbs"][:3] == sorted(
             (p.stem for p in (station.root / "ng").glob("*.json")), reverse=True)[:3], 10), store
@@ -202,6 +203,15 @@ def test_page_lamp_gallery_and_a_leads_threshold_change(station, tmp_path):
         # the lead adds a REVIEW band and lowers nothing else, from the threshold dialog
         driver.js("document.getElementById('thresholdBtn').click(); return 1;")
         assert wait_for(lambda: driver.js("return document.getElementById('thresholdDialog').open;"), 10)
+        # clicking the histogram moves the NG line to the score under the pointer
+        assert wait_for(lambda: driver.js("return S.scores !== null && S.scores.count > 0;"), 10)
+        original, clicked, lo, hi = driver.js("""const c = document.getElementById('thrHist');
+            const before = document.getElementById('thrImage').value; const r = c.getBoundingClientRect();
+            c.dispatchEvent(new MouseEvent('click', {clientX: r.left + r.width / 2, clientY: r.top + 10, bubbles: true}));
+            const e = S.scores.histogram.edges;
+            return [before, parseFloat(document.getElementById('thrImage').value), e[0], e[e.length - 1]];""")
+        assert clicked == pytest.approx((lo + hi) / 2, abs=2 * (hi - lo) / 520)   # within 2 canvas pixels
+        driver.js(f"document.getElementById('thrImage').value = '{original}'; return 1;")
         driver.js("""document.getElementById('thrReviewOn').checked = true;
             document.getElementById('thrReview').value = '0.6';
             document.getElementById('thrReason').value = 'dim spots need a look';

@@ -214,6 +214,17 @@ async function openThresholds() {
   $("thresholdDialog").showModal();
   if (S.scores) drawHist($("thrHist"), S.scores, proposed());
 }
+function setFromHistogram(ev, review) {
+  const edges = S.scores && S.scores.histogram && S.scores.histogram.edges;
+  if (!edges || !edges.length) return;
+  const c = $("thrHist"), r = c.getBoundingClientRect();
+  const x = (ev.clientX - r.left) * c.width / r.width;            // canvas pixels
+  const lo = edges[0], hi = edges[edges.length - 1];
+  const v = lo + (hi - lo) * (x - 5) / (c.width - 10);             // drawHist's axis
+  const value = Number(v.toPrecision(6));
+  if (review) { $("thrReviewOn").checked = true; $("thrReview").value = value; } else $("thrImage").value = value;
+  drawHist(c, S.scores, proposed());
+}
 async function applyThresholds() {
   const p = proposed();
   try {
@@ -252,6 +263,14 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("thresholdBtn").onclick = openThresholds;
   $("thrApply").onclick = applyThresholds; $("thrRevert").onclick = revertThresholds;
   for (const id of ["thrImage", "thrReview", "thrReviewOn"]) $(id).oninput = () => S.scores && drawHist($("thrHist"), S.scores, proposed());
+  // Move the thresholds on the histogram: click sets the NG line, shift+click (or a long press) the REVIEW line.
+  let pressed = 0;
+  $("thrHist").onpointerdown = () => { pressed = Date.now(); };
+  $("thrHist").onclick = (ev) => {
+    const long = pressed > 0 && Date.now() - pressed > 500;
+    pressed = 0;
+    setFromHistogram(ev, ev.shiftKey || long);
+  };
   $("saveGoodBtn").onclick = () => S.state && capture({ frame: S.state.frame, label: "good" });
   $("saveDefectBtn").onclick = () => { const l = askLabel(); if (l && S.state) capture({ frame: S.state.frame, label: l }); };
   let me;
