@@ -24,7 +24,9 @@ Limits: at most ``max_streams`` MJPEG/SSE streams in all (``http_max_clients``) 
 ``max_streams_per_client`` per address (``429`` beyond it); a stream write that does not drain
 within ``read_timeout_s`` drops that viewer; request bodies ≤ 64 KiB; keep-alive connections are
 closed after ``read_timeout_s`` of silence. Overlays are JPEG-encoded lazily: only while someone
-watches, at most ``max_fps`` a second, once per frame whatever the number of viewers.
+watches, at most ``max_fps`` a second per viewer, cached per frame (viewers that wake on the
+same frame share one encoding; on a fast source each viewer may encode its own: measured cost in
+``benchmarks/station_viewers.py``).
 """
 
 from __future__ import annotations
