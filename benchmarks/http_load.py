@@ -662,10 +662,15 @@ def markdown(result: dict) -> str:
                     f"| {p['stream']['parts_per_s']} ({p['stream']['max_gap_ms']}) "
                     f"| {p['server']['fds_min']}–{p['server']['fds_max']} | {p['cpu_cores']['server']} "
                     f"| {p['cpu_cores']['other']} |")
-    rows += ["", "| criterion (phase B) | measured | limit | pass |", "|---|---|---|---|"]
-    for name, c in result["criteria"].items():
+    return "\n".join(rows + [""] + criteria_rows(result["criteria"], "criterion (phase B)"))
+
+
+def criteria_rows(criteria: dict, heading: str = "criterion") -> list[str]:
+    """The pass/fail table of a benchmark's criteria (Markdown rows)."""
+    rows = [f"| {heading} | measured | limit | pass |", "|---|---|---|---|"]
+    for name, c in criteria.items():
         rows.append(f"| {name} | {c['measured']} | {c['limit']} | {'PASS' if c['pass'] else 'FAIL'} |")
-    return "\n".join(rows)
+    return rows
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from http_load import (CPU_NOTE, DISTURBED_CORES, HOST, TOY, CpuMeter, ServerProcess,  # noqa: E402
+from http_load import (CPU_NOTE, criteria_rows, DISTURBED_CORES, HOST, TOY, CpuMeter, ServerProcess,  # noqa: E402
                        loadavg, machine_info, make_bundle, pct, proc_status, read_mjpeg)
 
 PAGE_ASSETS = ("/", "/static/station.css", "/static/station.js", "/api/me")
@@ -325,10 +325,7 @@ def markdown(result: dict) -> str:
         rows.append(f"| {names[ph]} | {', '.join(str(x) for x in p[ph]['segments'])} | {p[ph]['mean_fps']} | {ratio} "
                     f"| {cpu('server')} | {cpu('self')} | {cpu('other')} "
                     f"| {round(statistics.mean(s['jpeg_encodes_per_s'] for s in segs), 1)} |")
-    rows += ["", "| criterion | measured | limit | pass |", "|---|---|---|---|"]
-    for name, c in result["criteria"].items():
-        rows.append(f"| {name} | {c['measured']} | {c['limit']} | {'PASS' if c['pass'] else 'FAIL'} |")
-    return "\n".join(rows)
+    return "\n".join(rows + [""] + criteria_rows(result["criteria"]))
 
 
 def main() -> None:

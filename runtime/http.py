@@ -521,7 +521,8 @@ class RuntimeHttpServer:
         except ValueError:
             raise StationError(f"minutes: a number of minutes in (0, 1440], got "
                                f"{request.query.get('minutes')!r}") from None
-        return web.json_response(station.scores_summary(minutes), headers={"Cache-Control": "no-store"})
+        summary = await self._in_worker(station.scores_summary, minutes)   # tens of ms on a full store
+        return web.json_response(summary, headers={"Cache-Control": "no-store"})
 
     async def gallery(self, request):
         from aiohttp import web

@@ -229,13 +229,15 @@ class RecentScores:
                 now: float | None = None) -> dict:
         """Trend points (decimated to ``max_points`` keeping every flagged part) and a histogram
         whose range covers the scores and the thresholds."""
-        items = self.window(minutes, now)
-        if len(items) > max_points:
-            keep = np.zeros(len(items), bool)
-            keep[np.linspace(0, len(items) - 1, max_points).astype(int)] = True
-            keep |= np.array([d != "ok" for _, _, d in items])
-            items = [it for it, k in zip(items, keep) if k]
-        scores = np.array([s for _, s, _ in self.window(minutes, now)], np.float64)
+        window = self.window(minutes, now)   # once: the trend and the histogram see the same parts
+        scores = np.array([s for _, s, _ in window], np.float64)
+        decisions = np.array([d for _, _, d in window])
+        points = window
+        if len(window) > max_points:
+            keep = np.zeros(len(window), bool)
+            keep[np.linspace(0, len(window) - 1, max_points).astype(int)] = True
+            keep |= decisions != "ok"
+            points = [it for it, k in zip(window, keep) if k]
         marks = [v for v in (thresholds.get("image"), thresholds.get("review")) if v is not None]
         hist: dict[str, Any] = {"edges": [], "ok": [], "review": [], "ng": []}
         if len(scores):
@@ -245,12 +247,11 @@ class RecentScores:
                 hi = lo + 1.0
             pad = 0.05 * (hi - lo)
             edges = np.linspace(lo - pad, hi + pad, bins + 1)
-            decisions = np.array([d for _, _, d in self.window(minutes, now)])
             hist["edges"] = [round(float(e), 6) for e in edges]
             for d in DECISIONS:
                 hist[d] = np.histogram(scores[decisions == d], edges)[0].astype(int).tolist()
         return {"minutes": minutes, "count": int(len(scores)),
-                "points": [[round(t, 3), round(s, 6), d] for t, s, d in items],
+                "points": [[round(t, 3), round(s, 6), d] for t, s, d in points],
                 "histogram": hist, "thresholds": thresholds}
 
 
@@ -614,7 +615,7 @@ class Station:
             try:
                 entry = change_thresholds(
                     self.bundle_path, image=image,
-                    review=review if review is not None else None,
+                    review=review,
                     no_review=review is None and current.review is not None,
                     reason=reason, by=f"{user} (operator page)",
                     log=log.info)
