@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,14 @@ from test_runtime_toy import make_toy_bundle, write_folder
 
 pytest.importorskip("asyncua", reason="asyncua not installed (pip install asyncua)")
 pytest.importorskip("pymodbus", reason="pymodbus not installed (pip install pymodbus)")
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def decided(events_file):
@@ -37,16 +46,12 @@ def test_plc_triggers_inspections_and_reads_counters_equal_to_the_events_log(tmp
                              "--trigger", "opcua", "--events", str(events), "--events-all"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        client = None
-        end = time.monotonic() + 30
-        while client is None:
-            try:
-                client = Client(f"opc.tcp://127.0.0.1:{ua_port}/edgestad/", timeout=5)
-                client.connect()
-            except Exception:  # noqa: BLE001 - not listening yet
-                client = None
-                assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.poll() is not None else "no server"
-                time.sleep(0.2)
+        # wait until the server listens (a plain socket: an asyncua Client that fails to connect
+        # leaves its own non-daemon event-loop thread running, which keeps pytest from exiting)
+        assert wait_for(lambda: proc.poll() is not None or _listening(ua_port), 30), "no OPC UA server"
+        assert proc.poll() is None, proc.stderr.read()
+        client = Client(f"opc.tcp://127.0.0.1:{ua_port}/edgestad/", timeout=5)
+        client.connect()
         try:
             idx = client.get_namespace_index("urn:edgestad")
             obj = client.nodes.root.get_child(["0:Objects", f"{idx}:edgestad"])
