@@ -24,9 +24,9 @@ Limits: at most ``max_streams`` MJPEG/SSE streams in all (``http_max_clients``) 
 ``max_streams_per_client`` per address (``429`` beyond it); a stream write that does not drain
 within ``read_timeout_s`` drops that viewer; request bodies ≤ 64 KiB; keep-alive connections are
 closed after ``read_timeout_s`` of silence. Overlays are JPEG-encoded lazily: only while someone
-watches, at most ``max_fps`` a second per viewer, cached per frame (viewers that wake on the
-same frame share one encoding; on a fast source each viewer may encode its own: measured cost in
-``benchmarks/station_viewers.py``).
+watches, and one encoding serves every viewer for ``1 / max_fps`` s, so five viewers cost what one
+does (measured in ``benchmarks/station_viewers.py``). The live state is serialised once per update
+and ``/api/scores`` summarised at most once a second per window, whoever asks.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ DEFAULT_STREAMS_PER_CLIENT = 6    # per address: a tablet with the page and a st
 DEFAULT_BACKLOG = 512
 MAX_BODY = 64 * 1024
 LIVE_MIN_INTERVAL_S = 0.2
+SCORES_CACHE_S = 1.0              # /api/scores answers from a summary at most this old
 
 
 class OverlayFeed(Sink):
@@ -76,6 +77,8 @@ class OverlayFeed(Sink):
         self._result: FrameResult | None = None
         self._seq = 0
         self._jpeg: dict[bool, tuple[int, bytes]] = {}
+        self._encoded_at: dict[bool, float] = {}
+        self.encodings = 0              # JPEGs encoded so far (what viewers cost the device)
         self._listeners: list[Callable[[], None]] = []
         self.closed = False
 
@@ -103,13 +106,16 @@ class OverlayFeed(Sink):
         return self._seq
 
     def jpeg(self, overlay: bool = True) -> tuple[int, bytes] | None:
-        """(frame sequence number, JPEG) of the latest frame, encoded at most once per frame."""
+        """(frame sequence number, JPEG) of the latest frame. One encoding serves every viewer for
+        ``1 / max_fps`` s: viewers cost at most ``max_fps`` encodings a second per picture kind,
+        however many watch and however fast the source runs."""
+        now = time.monotonic()
         with self._cond:
             seq, result = self._seq, self._result
             cached = self._jpeg.get(overlay)
             if result is None:
                 return None
-            if cached is not None and cached[0] == seq:
+            if cached is not None and (cached[0] == seq or now - self._encoded_at[overlay] < self.min_interval):
                 return cached
         picture = render_overlay(result, self.thresholds) if overlay else result.frame_bgr()
         if picture is None:
@@ -119,6 +125,8 @@ class OverlayFeed(Sink):
             return None
         with self._cond:
             self._jpeg[overlay] = (seq, buf.tobytes())
+            self._encoded_at[overlay] = now
+            self.encodings += 1
             return self._jpeg[overlay]
 
     def wait_jpeg(self, after_seq: int, timeout: float, overlay: bool = True) -> tuple[int, bytes] | None:
@@ -292,6 +300,9 @@ class RuntimeHttpServer:
         self._result_event: asyncio.Event | None = None
         self._watchers = 0
         self._stopping = False
+        self._updates = 0                                  # wake-ups seen by the loop
+        self._live_cache: tuple[tuple[int, int], bytes] | None = None
+        self._scores_cache: dict[float, tuple[float, dict]] = {}
         raise_open_file_limit()
         feed.listen(self._from_output_thread("_frame_event"))
         if station is not None:
@@ -324,6 +335,7 @@ class RuntimeHttpServer:
         return notify
 
     def _wake(self, attr: str) -> None:
+        self._updates += 1
         event = getattr(self, attr)
         if event is not None:
             event.set()
@@ -504,6 +516,15 @@ class RuntimeHttpServer:
             return {"decision": last.get("decision"), "score": last.get("score"), "snapshot": snap}
         return self.station.state(snap)
 
+    def _live_message(self, now: float) -> bytes:
+        """The server-sent state, serialised once per update (and per second for the heartbeat)
+        whoever watches."""
+        key = (self._updates, int(now))
+        if self._live_cache is None or self._live_cache[0] != key:
+            data = json.dumps(self._state(), default=str, separators=(",", ":"))
+            self._live_cache = (key, f"data: {data}\n\n".encode())
+        return self._live_cache[1]
+
     async def state(self, request):
         from aiohttp import web
 
@@ -521,7 +542,15 @@ class RuntimeHttpServer:
         except ValueError:
             raise StationError(f"minutes: a number of minutes in (0, 1440], got "
                                f"{request.query.get('minutes')!r}") from None
-        summary = await self._in_worker(station.scores_summary, minutes)   # tens of ms on a full store
+        now = time.monotonic()
+        cached = self._scores_cache.get(minutes)
+        if cached is not None and now - cached[0] < SCORES_CACHE_S:
+            summary = cached[1]
+        else:   # tens of ms on a full store: in the worker, at most once a second per window
+            summary = await self._in_worker(station.scores_summary, minutes)
+            if len(self._scores_cache) > 16:
+                self._scores_cache.clear()
+            self._scores_cache[minutes] = (now, summary)
         return web.json_response(summary, headers={"Cache-Control": "no-store"})
 
     async def gallery(self, request):
@@ -640,6 +669,9 @@ class RuntimeHttpServer:
                 if got is None:
                     await asyncio.sleep(0.05)
                     continue
+                if got[0] == seq:       # the shared encoding is still the one this viewer has
+                    await asyncio.sleep(self.feed.min_interval / 2 or 0.01)
+                    continue
                 seq, jpeg = got
                 sent_at = time.monotonic()
                 await self._write(resp, f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
@@ -668,8 +700,7 @@ class RuntimeHttpServer:
             await self._write(resp, b"retry: 1000\n\n")
             while not self._stopping and not _gone(request):
                 sent_at = time.monotonic()
-                data = json.dumps(self._state(), default=str, separators=(",", ":"))
-                await self._write(resp, f"data: {data}\n\n".encode())
+                await self._write(resp, self._live_message(sent_at))
                 event = self._result_event if self.station is not None else self._frame_event
                 try:
                     await asyncio.wait_for(event.wait(), timeout=1.0)
@@ -728,6 +759,7 @@ class RuntimeHttpServer:
         station = self._need_station()
         body = await self._json_body(request)
         entry = await self._in_worker(station.change_thresholds, self._session(request).user, body)
+        self._scores_cache.clear()       # the histogram's lines move now, not a second later
         return web.json_response(entry)
 
     async def revert(self, request):
@@ -736,6 +768,7 @@ class RuntimeHttpServer:
         station = self._need_station()
         body = await self._json_body(request)
         entry = await self._in_worker(station.revert_thresholds, self._session(request).user, body)
+        self._scores_cache.clear()       # the histogram's lines move now, not a second later
         return web.json_response(entry)
 
     async def capture(self, request):

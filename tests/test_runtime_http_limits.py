@@ -161,16 +161,11 @@ def test_a_burst_of_connects_is_queued_not_refused(serve):
     assert results.count(200) == 120, [r for r in results if r != 200][:3]
 
 
-def test_stream_rate_cap_holds_per_client(serve):
-    """max_fps is a cap per viewer: a 50 fps source seen through a 10 fps cap gives ~10 parts/s."""
+def _produce(feed, stop: threading.Event, period: float = 0.02) -> threading.Thread:
+    """A fast source: a new result every ``period`` s into the feed until ``stop``."""
     import numpy as np
 
     from edgestad.runtime.results import FrameResult
-
-    srv = serve()
-    feed = srv.feed
-    feed.min_interval = 0.1
-    stop = threading.Event()
 
     def produce():
         i = 0
@@ -179,22 +174,61 @@ def test_stream_rate_cap_holds_per_client(serve):
             feed.handle(FrameResult(i, "", time.time(), time.monotonic(), time.monotonic(), time.monotonic(),
                                     time.time(), 0.0, False, [], 0, amap, np.zeros((24, 32, 3), np.uint8), "BGR", (32, 24)))
             i += 1
-            time.sleep(0.02)
+            time.sleep(period)
 
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
-    conn = http.client.HTTPConnection(*srv.address, timeout=10)
+    return producer
+
+
+def _count_parts(address, seconds: float) -> int:
+    """MJPEG parts one viewer receives in ``seconds``."""
+    conn = http.client.HTTPConnection(*address, timeout=10)
     conn.request("GET", "/stream.mjpg")
     r = conn.getresponse()
     parts, t0 = 0, time.monotonic()
     try:
-        while time.monotonic() - t0 < 2.0:
+        while time.monotonic() - t0 < seconds:
             line = r.readline()
             if line.startswith(b"Content-Length:"):
                 r.readline()
                 r.read(int(line.split(b":")[1]))
                 parts += 1
     finally:
-        stop.set()
         conn.close()
+    return parts
+
+
+def test_stream_rate_cap_holds_per_client(serve):
+    """max_fps is a cap per viewer: a 50 fps source seen through a 10 fps cap gives ~10 parts/s."""
+    srv = serve()
+    srv.feed.min_interval = 0.1
+    stop = threading.Event()
+    _produce(srv.feed, stop)
+    try:
+        parts = _count_parts(srv.address, 2.0)
+    finally:
+        stop.set()
     assert 14 <= parts <= 23, parts  # 2 s at 10 fps (the old cap let ~20 fps through)
+
+
+def test_viewers_share_one_encoding(serve):
+    """Five viewers of a 50 fps source at a 10 fps cap each get ~10 parts/s, and the device encodes
+    ~10 JPEGs/s for all of them (each viewer encoding its own frame cost ~50/s)."""
+    srv = serve()
+    srv.feed.min_interval = 0.1
+    stop = threading.Event()
+    _produce(srv.feed, stop)
+    parts: list[int] = []
+    viewers = [threading.Thread(target=lambda: parts.append(_count_parts(srv.address, 2.0))) for _ in range(5)]
+    try:
+        before = srv.feed.encodings
+        for v in viewers:
+            v.start()
+        for v in viewers:
+            v.join(10)
+        encoded = srv.feed.encodings - before
+    finally:
+        stop.set()
+    assert len(parts) == 5 and all(12 <= p <= 23 for p in parts), parts
+    assert encoded <= 26, encoded      # 2 s (plus connection set-up) at 10 encodings a second
