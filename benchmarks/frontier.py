@@ -328,7 +328,7 @@ def plot(rows: list[dict], path: Path, category: str) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 def main(runs, category, bundles, threads, iterations, max_seconds, reuse_timing, eval_data,
          variants, out):
-    from edgestad.bundle import atomic_write_json
+    from edgestad.files import atomic_write_json
     out.mkdir(parents=True, exist_ok=True)
     bundles = list(bundles) or [runs / category]
     cache_file = out / "frontier_evaluations.json"   # all categories, one list

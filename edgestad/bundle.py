@@ -11,8 +11,8 @@ no torch. Weights are therefore stored and returned as numpy arrays (``safetenso
 torch side converts with ``torch.from_numpy``. Nothing here ever unpickles a file.
 
 Public API: ``FORMAT``, ``FORMAT_VERSION``, ``BundleError``, ``Bundle``, ``write_bundle``,
-``add_files``, ``load_bundle``, ``pack_bundle``, ``default_bundle_path``, ``sha256_file``,
-``atomic_write_bytes``, ``atomic_write_json``.
+``add_files``, ``load_bundle``, ``pack_bundle``, ``default_bundle_path``. Writing files safely
+(atomic replace, fsync, hashing) is ``edgestad/files.py``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,12 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from .files import (CHUNK, FileSource, JsonWriteError, atomic_write_bytes, atomic_write_json, fsync_dir,
+                    json_bytes, json_default, sha256_file, unlink_quietly, write_new_file)
 
 try:  # Python >= 3.11
     import tomllib
@@ -63,11 +66,8 @@ SIGNATURE_NAME = "signature.json"
 ENV_BUNDLE = "EDGESTAD_BUNDLE"
 CONFIG_NAME = "edgestad.toml"
 
-FileSource = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]
-
 log = logging.getLogger("edgestad.bundle")
 
-_CHUNK = 1 << 20
 # A safetensors file starts with an 8-byte little-endian header length followed by a JSON
 # header. Real headers are kilobytes; the cap only stops a corrupt length from allocating GBs.
 _MAX_SAFETENSORS_HEADER = 100 << 20
@@ -89,61 +89,6 @@ class DecisionDigestError(BundleError):
     def __init__(self, message: str, sections: list[str] | None = None):
         super().__init__(message)
         self.sections = list(sections or [])
-
-
-# ----------------------------------------------------------------------------------------------
-# Small public helpers (reused by export and runtime)
-# ----------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Return the hex sha256 of the file at ``path``, read in 1 MiB chunks (engines are large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a directory so that renames/creations inside it survive a power cut."""
-    if os.name == "nt":  # pragma: no cover - directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o666) -> Path:
-    """Atomically replace ``path`` with ``data``.
-
-    Writes a temp file in the same directory (same filesystem, so the rename is atomic), fsyncs
-    it, ``os.replace``\\ s it over ``path`` and fsyncs the directory. Readers see either the old
-    or the new content, never a torn file. The temp file is removed on failure. New files get
-    the usual umask-derived permissions (not mkstemp's 0600), so a service user can read them;
-    ``mode=0o600`` keeps a secret (a users file) unreadable by others from its first byte.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        _write_new_file(tmp, bytes(data), mode)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Atomically write ``obj`` as pretty JSON (indent 2, sorted keys, trailing newline).
-
-    numpy scalars/arrays are converted to plain numbers/lists; NaN/Infinity are rejected because
-    they are not valid JSON and other tools (and the runtime) would choke on them.
-    """
-    return atomic_write_bytes(path, _json_bytes(obj, Path(path)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +256,7 @@ def canonical_json(value: Any) -> bytes:
     """The canonical JSON bytes digests and signatures are computed over: keys sorted, no
     whitespace, UTF-8, no NaN (numpy values converted as in the manifest)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False, default=_json_default).encode("utf-8")
+                      allow_nan=False, default=json_default).encode("utf-8")
 
 
 def _sha(value: Any) -> str:
@@ -426,16 +371,16 @@ def write_bundle(
     tmp_dir = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     os.mkdir(tmp_dir, 0o777)  # umask applies; mkdtemp's 0700 would hide the bundle from services
     try:
-        files = {WEIGHTS_NAME: _write_new_file(tmp_dir / WEIGHTS_NAME, weights_bytes)}
+        files = {WEIGHTS_NAME: write_new_file(tmp_dir / WEIGHTS_NAME, weights_bytes)}
         for name in sorted(extra_files):
-            files[name] = _write_new_file(tmp_dir / name, extra_files[name])
+            files[name] = write_new_file(tmp_dir / name, extra_files[name])
         manifest["files"] = files
         manifest["format"] = FORMAT
         manifest["format_version"] = FORMAT_VERSION
         manifest["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest["code_version"] = _code_version()
         manifest[DIGEST_KEY] = decision_digest(manifest)
-        _write_new_file(tmp_dir / MANIFEST_NAME, _json_bytes(manifest, tmp_dir / MANIFEST_NAME))
+        write_new_file(tmp_dir / MANIFEST_NAME, _manifest_bytes(manifest, tmp_dir / MANIFEST_NAME))
         fsync_dir(tmp_dir)
         _swap_in(tmp_dir, target)
     except BaseException:
@@ -501,10 +446,10 @@ def add_files(
         dst = bundle_dir / name
         tmp = bundle_dir / f".{name}.{secrets.token_hex(6)}.tmp"
         try:
-            hashes[name] = _write_new_file(tmp, files[name])
+            hashes[name] = write_new_file(tmp, files[name])
             os.replace(tmp, dst)
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
     fsync_dir(bundle_dir)
 
@@ -518,7 +463,7 @@ def add_files(
     atomic_write_json(bundle_dir / MANIFEST_NAME, manifest)
 
     for name in remove:
-        _unlink_quietly(bundle_dir / name)
+        unlink_quietly(bundle_dir / name)
     if remove:
         fsync_dir(bundle_dir)
     bundle = Bundle(bundle_dir, manifest)
@@ -565,7 +510,7 @@ def pack_bundle(bundle_dir: str | os.PathLike[str], archive_path: str | os.PathL
             os.fsync(fh.fileno())
         os.replace(tmp, archive)
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
     fsync_dir(archive.parent)
     return archive
@@ -656,7 +601,7 @@ def _safe_extract(archive: Path, kind: str, dest: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as fh:
-            shutil.copyfileobj(src, fh, _CHUNK)
+            shutil.copyfileobj(src, fh, CHUNK)
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -749,50 +694,11 @@ def _code_version() -> str:
         return "0.1.0"
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def _json_bytes(obj: Any, where: Path) -> bytes:
+def _manifest_bytes(manifest: Any, where: Path) -> bytes:
     try:
-        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False, default=_json_default)
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{where}: cannot write manifest as JSON: {exc}") from exc
-    return (text + "\n").encode("utf-8")
-
-
-def _write_new_file(dst: Path, src: FileSource, mode: int = 0o666) -> str:
-    """Create ``dst`` (must not exist) from bytes or a source path, fsync it, return its sha256.
-
-    Hashing while writing avoids reading large engines twice.
-    """
-    digest = hashlib.sha256()
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as out:
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            digest.update(src)
-            out.write(src)
-        else:
-            with open(src, "rb") as fh:
-                for chunk in iter(lambda: fh.read(_CHUNK), b""):
-                    digest.update(chunk)
-                    out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    return digest.hexdigest()
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        return json_bytes(manifest, where)
+    except JsonWriteError as exc:
+        raise BundleError(str(exc)) from exc
 
 
 def _check_plain_name(bundle: Path, name: Any) -> None:

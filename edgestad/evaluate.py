@@ -146,7 +146,7 @@ def evaluate_bundle(bundle_path: Path, data: Path, out_dir: Path, backend: str =
             raise click.ClickException(f"bundle {bundle_path} has no exported {precision} ONNX "
                                        f"graph; run 'edgestad export {bundle_path} --precision "
                                        f"{precision}' first")
-        from edgestad.trust import check_graph_thresholds
+        from edgestad.bundle_thresholds import check_graph_thresholds
         check_graph_thresholds(bundle, [name])  # decisions below use the manifest's thresholds
         outputs = onnx_maps(bundle.file(name), images, boxes, batch_size)
     else:

@@ -1,4 +1,5 @@
-"""`edgestad thresholds`, `edgestad sign`, `edgestad keygen` (torch-free: they run on devices)."""
+"""`edgestad thresholds` (edgestad/bundle_thresholds.py), `edgestad sign` and `edgestad keygen`
+(edgestad/signing.py): torch-free, they run on devices."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,7 +48,7 @@ def thresholds(bundle, pixel_fpr, pixel_threshold, image_false_reject, image_thr
     `edgestad export`) and updates the decision digest.
     """
     from edgestad.bundle import default_bundle_path, load_bundle
-    from edgestad import trust
+    from edgestad import bundle_thresholds
 
     bundle_path = bundle if bundle is not None else default_bundle_path()
     if pixel_fpr is not None and pixel_threshold is not None:
@@ -66,23 +67,23 @@ def thresholds(bundle, pixel_fpr, pixel_threshold, image_false_reject, image_thr
     if show:
         if changes or seal:
             raise click.UsageError("--show changes nothing; give it alone")
-        click.echo(trust.describe(load_bundle(bundle_path, check_decisions=False)))
+        click.echo(bundle_thresholds.describe(load_bundle(bundle_path, check_decisions=False)))
         return
     if seal:
         if changes:
             raise click.UsageError("--seal adopts the manifest as it is; give it without new values")
-        entry = trust.seal(bundle_path, reason=reason, log=click.echo)
+        entry = bundle_thresholds.seal(bundle_path, reason=reason, log=click.echo)
         click.echo(f"sealed {bundle_path}: {entry['rule']}")
         return
     if not changes:
         raise click.UsageError("give --pixel-fpr, --pixel-threshold, --image-false-reject, "
                                "--image-threshold, --defects, --review-false-reject, "
                                "--review-threshold, --no-review, --show or --seal")
-    entry = trust.change_thresholds(bundle_path, pixel_fpr=pixel_fpr, image_false_reject=image_false_reject,
-                                    pixel=pixel_threshold, image=image_threshold,
-                                    review_false_reject=review_false_reject, review=review_threshold,
-                                    no_review=no_review, defects_dir=defects_dir, recall=recall,
-                                    reason=reason, log=click.echo)
+    entry = bundle_thresholds.change_thresholds(bundle_path, pixel_fpr=pixel_fpr, image_false_reject=image_false_reject,
+                                                pixel=pixel_threshold, image=image_threshold,
+                                                review_false_reject=review_false_reject, review=review_threshold,
+                                                no_review=no_review, defects_dir=defects_dir, recall=recall,
+                                                reason=reason, log=click.echo)
     review = ""
     if entry["old"].get("image_review") is not None or entry["new"].get("image_review") is not None:
         review = f", review {entry['old'].get('image_review')} -> {entry['new'].get('image_review')}"
@@ -102,12 +103,12 @@ def sign(bundle, key):
     after signing.
     """
     from edgestad.bundle import default_bundle_path
-    from edgestad import trust
+    from edgestad import signing
 
     bundle_path = bundle if bundle is not None else default_bundle_path()
-    path = trust.sign_bundle(bundle_path, key)
-    pub = trust.load_private_key(key).public_key()
-    click.echo(f"wrote {path} (key {trust.key_id(pub)})")
+    path = signing.sign_bundle(bundle_path, key)
+    pub = signing.load_private_key(key).public_key()
+    click.echo(f"wrote {path} (key {signing.key_id(pub)})")
 
 
 @click.command("keygen")
@@ -115,9 +116,9 @@ def sign(bundle, key):
               help="Folder for edgestad-signing.key (private, mode 0600) and edgestad-signing.pub.")
 def keygen(out_dir):
     """Make an Ed25519 key pair for `edgestad sign` / `edgestad run --trusted-key`."""
-    from edgestad import trust
+    from edgestad import signing
 
-    private, public = trust.keygen(out_dir)
-    key = trust.load_public_key(public, "--out")
+    private, public = signing.keygen(out_dir)
+    key = signing.load_public_key(public, "--out")
     click.echo(f"wrote {private} (private: keep it off the devices) and {public} (give this to "
-               f"`edgestad run --trusted-key`); key id {trust.key_id(key)}")
+               f"`edgestad run --trusted-key`); key id {signing.key_id(key)}")

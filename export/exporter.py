@@ -185,7 +185,7 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
     bundle = load_bundle(bundle_path)  # files and the decision digest: a hand-edited manifest stops here
     # Graphs whose baked thresholds differ from the manifest are refused, not silently re-exported:
     # thresholds change only through `edgestad thresholds`, which keeps both in step.
-    from edgestad.trust import check_graph_thresholds
+    from edgestad.bundle_thresholds import check_graph_thresholds
     check_graph_thresholds(bundle)
     if bundle.source.is_file():
         raise ExportError(f"bundle {bundle.source} is an archive; export adds files to a bundle directory "

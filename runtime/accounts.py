@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgestad.bundle import atomic_write_bytes
+from edgestad.files import atomic_write_bytes
 
 from .errors import ConfigError
 

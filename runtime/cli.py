@@ -285,7 +285,8 @@ def plc_sinks(cfg, sinks: list, station, thresholds, pipeline_of):
 def check_trust(bundle, trusted_key: str | None) -> None:
     """The graphs' baked thresholds must equal the manifest's; with a trusted key, the bundle must
     be signed with it over exactly these files and decisions. BundleError otherwise."""
-    from edgestad.trust import check_graph_thresholds, verify_signature
+    from edgestad.bundle_thresholds import check_graph_thresholds
+    from edgestad.signing import verify_signature
 
     check_graph_thresholds(bundle)
     if trusted_key:

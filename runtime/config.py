@@ -113,19 +113,41 @@ def parse_size(text: str, key: str) -> tuple[int, int]:
     return w, h
 
 
-def parse_host_port(text: str, key: str) -> tuple[str, int]:
-    text = str(text).strip()
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = "127.0.0.1", text
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        p = int(port)
-        if not 0 <= p <= 65535:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"{key}: expected HOST:PORT such as 127.0.0.1:8080, got {text!r}") from None
-    return host, p
+def parse_host_port(text: str, option: str, default_port: int | None = None, *, min_port: int = 0,
+                    error: type[Exception] = ConfigError) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT``, ``PORT`` or (with a ``default_port``) ``HOST`` -> (host, port), for
+    every address option (``--http``, ``--opcua``, ``--modbus``). The host defaults to 127.0.0.1
+    (this machine only: give 0.0.0.0 or the line network's address to let others in). IPv6
+    addresses go in brackets: ``[::1]:4840``. Anything else raises ``error`` naming the option."""
+    raw = "" if text is None else str(text).strip()
+    example = f"0.0.0.0:{default_port}" if default_port else "127.0.0.1:8080"
+    bad = error(f"{option}: expected HOST:PORT, :PORT or PORT such as {example}, got {text!r}")
+    if raw.startswith("["):  # [v6]:port or [v6]
+        host, _, rest = raw[1:].partition("]")
+        if rest and (not rest.startswith(":") or rest == ":"):
+            raise bad
+        port_text = rest[1:] if rest else ""
+    elif raw.count(":") > 1:  # a bare IPv6 address cannot carry a port without brackets
+        raise bad
+    elif ":" in raw:
+        host, _, port_text = raw.partition(":")
+        if not port_text:
+            raise bad  # "host:" - a port was meant but is missing
+    elif raw.isdigit():
+        host, port_text = "", raw
+    else:
+        host, port_text = raw, ""
+    host = host.strip() or "127.0.0.1"
+    if any(c.isspace() or c in "/?#@[]" for c in host):
+        raise bad
+    if port_text == "" and default_port is None:
+        raise bad
+    if port_text != "" and not port_text.isdigit():
+        raise bad
+    port = int(default_port if port_text == "" else port_text)
+    if not min_port <= port <= 65535:
+        raise bad
+    return host, port
 
 
 def _coerce(key: str, value: Any, origin: str) -> Any:
@@ -238,9 +260,9 @@ def _validate(cfg: RunConfig, origin: str, source_origin: str | None = None) -> 
         cfg.frame_size_wh()
     if cfg.http:
         cfg.http_address()
-    for key in ("opcua", "modbus"):
+    for key, default_port in (("opcua", 4840), ("modbus", 502)):
         if getattr(cfg, key):
-            parse_host_port(getattr(cfg, key), key)
+            parse_host_port(getattr(cfg, key), key, default_port, min_port=1)
     if cfg.shifts:
         from .station import parse_shifts
         parse_shifts(cfg.shifts)

@@ -91,6 +91,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from .config import parse_host_port
 from .errors import OutputError
 from .results import FrameResult, Thresholds
 from .sinks import Sink
@@ -114,44 +115,6 @@ OPCUA_PATH = "edgestad/"  # the endpoint path: opc.tcp://host:port/edgestad/
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def parse_host_port(text: str, option: str, default_port: int) -> tuple[str, int]:
-    """``HOST:PORT``, ``:PORT``, ``PORT`` or ``HOST`` -> (host, port); the host defaults to 127.0.0.1
-    (this machine only: give 0.0.0.0 or the line network's address to let a PLC in).
-
-    IPv6 addresses go in brackets: ``[::1]:4840``. Anything else is an ``OutputError`` naming the
-    option.
-    """
-    raw = "" if text is None else str(text).strip()
-    bad = OutputError(f"{option}: expected HOST:PORT, :PORT or PORT such as 0.0.0.0:{default_port}, got {text!r}")
-    if raw.startswith("["):  # [v6]:port or [v6]
-        host, _, rest = raw[1:].partition("]")
-        if rest and (not rest.startswith(":") or rest == ":"):
-            raise bad
-        port_text = rest[1:] if rest else ""
-    elif raw.count(":") > 1:  # a bare IPv6 address cannot carry a port without brackets
-        raise bad
-    elif ":" in raw:
-        host, _, port_text = raw.partition(":")
-        if not port_text:
-            raise bad  # "host:" - a port was meant but is missing
-    elif raw.isdigit():
-        host, port_text = "", raw
-    else:
-        host, port_text = raw, ""
-    host = host.strip() or "127.0.0.1"
-    if any(c.isspace() or c in "/?#@[]" for c in host):
-        raise bad
-    if port_text == "":
-        port = int(default_port)
-    else:
-        if not port_text.isdigit():
-            raise bad
-        port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise bad
-    return host, port
 
 
 def _import(module: str, option: str, package: str) -> Any:
@@ -584,7 +547,7 @@ class OpcUaSink(_ServerThread):
     def __init__(self, address: str, status: Callable[[], dict] | None = None, thresholds: Thresholds | None = None,
                  on_trigger: Callable[[], None] | None = None, heartbeat_s: float = 1.0,
                  namespace: str = "urn:edgestad", initial_counts: dict | None = None):
-        host, port = parse_host_port(address, self.option, self.DEFAULT_PORT)
+        host, port = parse_host_port(address, self.option, self.DEFAULT_PORT, min_port=1, error=OutputError)
         asyncua = _import("asyncua", self.option, "asyncua")
         self._ua = asyncua.ua
         self._server_cls = asyncua.Server
@@ -720,7 +683,7 @@ class ModbusSink(_ServerThread):
 
     def __init__(self, address: str, status: Callable[[], dict] | None = None, thresholds: Thresholds | None = None,
                  heartbeat_s: float = 1.0, unit_id: int = 1, initial_counts: dict | None = None):
-        host, port = parse_host_port(address, self.option, self.DEFAULT_PORT)
+        host, port = parse_host_port(address, self.option, self.DEFAULT_PORT, min_port=1, error=OutputError)
         _import("pymodbus", self.option, "pymodbus")
         try:
             from pymodbus.constants import ExcCodes

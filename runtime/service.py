@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgestad.bundle import atomic_write_bytes
+from edgestad.files import atomic_write_bytes
 
 DEFAULT_UNIT_PATH = Path("/etc/systemd/system/edgestad.service")
 DEFAULT_CONFIG_PATH = Path("/etc/edgestad/edgestad.toml")

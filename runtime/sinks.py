@@ -25,7 +25,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from edgestad.bundle import atomic_write_bytes, atomic_write_json, fsync_dir
+from edgestad.files import atomic_write_bytes, atomic_write_json, fsync_dir
 
 from .errors import OutputError
 from .results import FrameResult, Thresholds, iso_time, render_overlay

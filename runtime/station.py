@@ -603,7 +603,8 @@ class Station:
 
     def _change(self, user: str, image: float, review: float | None, reason: str) -> dict:
         from edgestad.bundle import BundleError, load_bundle
-        from edgestad.trust import change_thresholds
+        from edgestad.bundle_thresholds import change_thresholds
+        from edgestad.thresholds import ThresholdError
 
         from .results import Thresholds
 
@@ -620,7 +621,7 @@ class Station:
                     reason=reason, by=f"{user} (operator page)",
                     log=log.info)
                 manifest = load_bundle(self.bundle_path).manifest
-            except BundleError as exc:   # ThresholdError included: nothing was changed
+            except (BundleError, ThresholdError) as exc:   # nothing was changed
                 raise StationError(str(exc).splitlines()[0], 400) from None
             new = Thresholds.from_manifest(manifest)
             self.apply_thresholds(new)
@@ -654,7 +655,7 @@ class Station:
         if not ok:
             raise StationError("the frame could not be encoded as PNG", 500)
         written: list[Path] = []
-        from edgestad.bundle import atomic_write_bytes, atomic_write_json
+        from edgestad.files import atomic_write_bytes, atomic_write_json
         with self._lock:
             try:
                 folder.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edgestad.bundle import atomic_write_json, sha256_file
+from edgestad.files import atomic_write_json, sha256_file
 from edgestad.methods.uninformed_students.teachers import read_teacher_file
 from edgestad.train.checkpoint import save_safetensors
 

@@ -46,7 +46,7 @@ def main() -> None:
     from edgestad.runtime.results import Thresholds
     from edgestad.runtime.sinks import EventLog, NgSaver
     from edgestad.runtime.sources import Frame, Source, SourceSpec
-    from edgestad.trust import change_thresholds
+    from edgestad.bundle_thresholds import change_thresholds
     from helpers import WebDriver, wait_for
 
     work = Path(tempfile.mkdtemp(prefix="edgestad-shots-"))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from edgestad import bundle as B
+from edgestad import files as F
 from edgestad.bundle import BundleError
 
 
@@ -87,7 +88,7 @@ def test_round_trip_weights_and_manifest(tmp_path: Path) -> None:
     assert created.utcoffset() == dt.timedelta(0)
     assert set(m["files"]) == {"weights.safetensors", "notes.txt", "copied.bin"}
     for name, digest in m["files"].items():
-        assert digest == B.sha256_file(path / name)
+        assert digest == F.sha256_file(path / name)
     assert b.file("copied.bin").read_bytes() == b"\x00\x01"
     assert b.input_size == (64, 96)
     assert b.thresholds["pixel"] == pytest.approx(0.25)  # numpy scalar was stored as a number
@@ -126,7 +127,7 @@ def test_thresholds_missing_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_failed_rewrite_leaves_old_bundle_intact(bundle_dir: Path, monkeypatch) -> None:
     before = {p.name: p.read_bytes() for p in bundle_dir.iterdir()}
-    real_write = B._write_new_file
+    real_write = B.write_new_file
     calls = []
 
     def failing_write(dst, src):
@@ -135,7 +136,7 @@ def test_failed_rewrite_leaves_old_bundle_intact(bundle_dir: Path, monkeypatch) 
             raise OSError(28, "No space left on device (simulated)")
         return real_write(dst, src)
 
-    monkeypatch.setattr(B, "_write_new_file", failing_write)
+    monkeypatch.setattr(B, "write_new_file", failing_write)
     with pytest.raises(OSError, match="simulated"):
         B.write_bundle(bundle_dir, _manifest(), _weights(seed=1), extra_files={"model.onnx": b"new"})
     monkeypatch.undo()
@@ -166,12 +167,12 @@ def test_write_refuses_to_replace_a_non_bundle_directory(tmp_path: Path) -> None
 
 def test_atomic_write_helpers(tmp_path: Path) -> None:
     target = tmp_path / "report.json"
-    B.atomic_write_json(target, {"b": np.int64(2), "a": np.array([1.5])})
+    F.atomic_write_json(target, {"b": np.int64(2), "a": np.array([1.5])})
     assert target.read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 2\n}\n'
-    B.atomic_write_bytes(target, b"raw")
+    F.atomic_write_bytes(target, b"raw")
     assert target.read_bytes() == b"raw"
-    with pytest.raises(BundleError, match="JSON"):
-        B.atomic_write_json(target, {"x": float("nan")})
+    with pytest.raises(F.JsonWriteError, match="JSON"):
+        F.atomic_write_json(target, {"x": float("nan")})
     assert target.read_bytes() == b"raw"
     assert _hidden_leftovers(tmp_path) == []
 
@@ -188,8 +189,8 @@ def test_add_files_updates_hashes_and_manifest(bundle_dir: Path, tmp_path: Path)
                     remove=["notes.txt"])
     m = json.loads((bundle_dir / "manifest.json").read_text())
     assert m == b.manifest
-    assert m["files"]["model.onnx"] == B.sha256_file(bundle_dir / "model.onnx")
-    assert m["files"]["export_report.json"] == B.sha256_file(bundle_dir / "export_report.json")
+    assert m["files"]["model.onnx"] == F.sha256_file(bundle_dir / "model.onnx")
+    assert m["files"]["export_report.json"] == F.sha256_file(bundle_dir / "export_report.json")
     assert "notes.txt" not in m["files"] and not (bundle_dir / "notes.txt").exists()
     assert m["provenance"] == {"category": "bottle", "exported_by": "test"}  # deep-merged
     assert m["exports"] == {"onnx": {"opset": 17}}
@@ -257,7 +258,7 @@ def _edit_manifest(bundle_dir: Path, **changes) -> None:
             m.pop(key)
         else:
             m[key] = value
-    B.atomic_write_json(bundle_dir / "manifest.json", m)
+    F.atomic_write_json(bundle_dir / "manifest.json", m)
 
 
 def test_unknown_format(bundle_dir: Path) -> None:
@@ -294,8 +295,8 @@ def test_pickle_weights_are_rejected_not_unpickled(bundle_dir: Path, tmp_path: P
     # The attacker also fixes the hash, so only the content check stands in the way.
     (bundle_dir / "weights.safetensors").write_bytes(payload)
     m = json.loads((bundle_dir / "manifest.json").read_text())
-    m["files"]["weights.safetensors"] = B.sha256_file(bundle_dir / "weights.safetensors")
-    B.atomic_write_json(bundle_dir / "manifest.json", m)
+    m["files"]["weights.safetensors"] = F.sha256_file(bundle_dir / "weights.safetensors")
+    F.atomic_write_json(bundle_dir / "manifest.json", m)
 
     with pytest.raises(BundleError, match=r"weights\.safetensors is a Python pickle"):
         B.load_bundle(bundle_dir)

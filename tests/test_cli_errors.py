@@ -111,7 +111,7 @@ def test_an_unexpected_failure_is_one_line_with_exit_1(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("edgestad.trust.keygen", boom)
+    monkeypatch.setattr("edgestad.signing.keygen", boom)
     line = one_line(CliRunner().invoke(main, ["keygen", "--out", str(tmp_path)]), 1)
     assert "ZeroDivisionError" in line and "--debug" in line
     assert trust_cli  # imported: the command module is the one patched
@@ -206,7 +206,7 @@ def test_interrupted_training_says_how_to_resume_and_resumes_from_the_epoch(tmp_
     assert [h["epoch"] for h in manifest["provenance"]["training"]["history"]] == [1, 2]
     assert not (tmp_path / ".bundle.partial").exists()
     # the stored validation statistics reproduce the trained thresholds without retraining
-    from edgestad.trust import image_threshold_for_false_reject, pixel_threshold_for_fpr
+    from edgestad.thresholds import image_threshold_for_false_reject, pixel_threshold_for_fpr
     thr = manifest["thresholds"]
     assert pixel_threshold_for_fpr(thr, thr["rule"]["pixel_fpr"])[0] == thr["pixel"]
     assert image_threshold_for_false_reject(thr, thr["rule"]["image_false_reject"])[0] == \

@@ -16,8 +16,9 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from edgestad.runtime.errors import OutputError
-from edgestad.runtime.plc import ModbusSink, OpcUaSink, PlcStatus, TriggerGate, parse_host_port
+from edgestad.runtime.errors import ConfigError, OutputError
+from edgestad.runtime.config import parse_host_port
+from edgestad.runtime.plc import ModbusSink, OpcUaSink, PlcStatus, TriggerGate
 from edgestad.runtime.results import FrameResult, Thresholds
 from helpers import free_port, wait_for
 
@@ -66,15 +67,25 @@ def listening_socket(port: int) -> socket.socket:
 
 
 def test_parse_host_port():
-    assert parse_host_port("0.0.0.0:4841", "--opcua", 4840) == ("0.0.0.0", 4841)
-    assert parse_host_port(":5020", "--modbus", 502) == ("127.0.0.1", 5020)
-    assert parse_host_port("5020", "--modbus", 502) == ("127.0.0.1", 5020)
-    assert parse_host_port("plc-gw.local", "--opcua", 4840) == ("plc-gw.local", 4840)
-    assert parse_host_port("[::1]:4840", "--opcua", 1) == ("::1", 4840)
+    """One parser for every address option: the PLC servers' (default port, port 0 refused) and
+    --http's (no default port; 0 = any free port)."""
+    def plc(text, option="--opcua", default=4840):
+        return parse_host_port(text, option, default, min_port=1, error=OutputError)
+
+    assert plc("0.0.0.0:4841") == ("0.0.0.0", 4841)
+    assert plc(":5020", "--modbus", 502) == ("127.0.0.1", 5020)
+    assert plc("5020", "--modbus", 502) == ("127.0.0.1", 5020)
+    assert plc("plc-gw.local") == ("plc-gw.local", 4840)
+    assert plc("[::1]:4840", default=1) == ("::1", 4840)
     for bad in ("nonsense:port", "host:0", "host:70000", "a b:1", "::1:4840", "host:", "[::1]x", "[::1]:", ":"):
         with pytest.raises(OutputError, match="--opcua") as err:
-            parse_host_port(bad, "--opcua", 4840)
+            plc(bad)
         assert "\n" not in str(err.value)
+    assert parse_host_port("8080", "http") == ("127.0.0.1", 8080)
+    assert parse_host_port("[::1]:0", "http") == ("::1", 0)
+    for bad in ("plc-gw.local", "host:x", ""):
+        with pytest.raises(ConfigError, match="^http: expected HOST:PORT"):
+            parse_host_port(bad, "http")
 
 
 def test_plc_status_counts_health_and_thresholds():

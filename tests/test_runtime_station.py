@@ -294,7 +294,7 @@ def test_wrong_password_unknown_user_and_the_login_rate_limit(station):
 
 
 def test_threshold_changes_bad_values_revert_and_signature(station, tmp_path):
-    from edgestad.trust import keygen, sign_bundle
+    from edgestad.signing import keygen, sign_bundle
 
     priv, _ = keygen(tmp_path / "keys")
     sign_bundle(station.bundle_dir, priv)

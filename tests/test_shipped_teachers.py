@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from edgestad.bundle import sha256_file
+from edgestad.files import sha256_file
 from edgestad.methods.uninformed_students.patchnet import PatchNet, receptive_field
 from edgestad.methods.uninformed_students.teachers import load_teacher
 from edgestad.methods.uninformed_students.teachers import shipped_teacher_path

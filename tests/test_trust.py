@@ -13,9 +13,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from edgestad import graph_meta, trust
-from edgestad.bundle import (BundleError, DecisionDigestError, add_files, atomic_write_json,
-                             load_bundle, write_bundle)
+from edgestad import bundle_thresholds, graph_meta, signing, thresholds as threshold_rules
+from edgestad.bundle import BundleError, DecisionDigestError, add_files, load_bundle, write_bundle
+from edgestad.files import atomic_write_json
 from edgestad.cli import main
 
 from test_runtime_toy import IMAGE_THRESHOLD, PIXEL_THRESHOLD, toy_graph, write_folder
@@ -24,24 +24,23 @@ SIZE = 64
 
 
 def _validation_rule(seed: int = 0):
-    """(thresholds as train/calibrate.py's fit_thresholds writes them, the validation pixels,
-    the validation image scores). calibrate.py imports torch, so its arithmetic is repeated here
-    with the same grid; tests/test_training.py checks the real one."""
+    """(thresholds as bundles trained with the older normal-fit image rule hold them, the
+    validation pixels, the validation image scores); the pixel table is the one
+    ``edgestad.thresholds.fit_thresholds`` writes."""
     from statistics import NormalDist
     rng = np.random.default_rng(seed)
     pixels = rng.random(20 * 32 * 32) * 0.9
     scores = rng.normal(0.6, 0.05, 20)
-    grid = sorted({float(f"{m}e{e}") for e in range(-5, 0) for m in (1, 2, 3, 5)} | {0.001})
     mu, sigma = float(scores.mean()), float(scores.std(ddof=1))
     z = NormalDist().inv_cdf(0.99)
-    return {"pixel": float(np.quantile(pixels, 0.999)), "image": mu + z * sigma,
-            "rule": {"pixel": "quantile 0.999 of validation good pixels", "pixel_fpr": 0.001,
-                     "image": "normal fit", "image_false_reject": 0.01,
-                     "validation_score_mean": mu, "validation_score_std": sigma,
-                     "validation_score_max": float(scores.max()), "validation_images": 20,
-                     "validation_pixel_quantiles": {
-                         "fpr": grid, "value": [float(np.quantile(pixels, 1 - f)) for f in grid],
-                         "pixels": int(pixels.size)}}}, pixels, scores
+    fitted = threshold_rules.fit_thresholds(pixels.reshape(20, 32, 32), scores, pixel_fpr=0.001)
+    thresholds = {"pixel": fitted["pixel"], "image": mu + z * sigma,
+                  "rule": {"pixel": "quantile 0.999 of validation good pixels", "pixel_fpr": 0.001,
+                           "image": "normal fit", "image_false_reject": 0.01,
+                           "validation_score_mean": mu, "validation_score_std": sigma,
+                           "validation_score_max": float(scores.max()), "validation_images": 20,
+                           "validation_pixel_quantiles": fitted["rule"]["validation_pixel_quantiles"]}}
+    return thresholds, pixels, scores
 
 
 def _baked(graph: bytes, thresholds: dict, **extra) -> bytes:
@@ -159,7 +158,7 @@ def test_a_legacy_bundle_still_runs_with_a_warning_until_sealed(tmp_path, caplog
     assert _run(bundle, folder).exit_code == 0
     add_files(bundle, {"notes.txt": b"x"})  # e.g. export: stays legacy, gets no digest
     assert load_bundle(bundle).legacy
-    keys = trust.keygen(tmp_path / "keys")
+    keys = signing.keygen(tmp_path / "keys")
     line = _one_error_line(CliRunner().invoke(main, ["sign", str(bundle), "--key", str(keys[0])]), 2)
     assert "--seal" in line
     r = CliRunner().invoke(main, ["thresholds", str(bundle), "--seal"])
@@ -286,7 +285,7 @@ def test_thresholds_recomputes_from_stored_statistics_and_updates_every_graph(tm
     assert b.manifest["exports"]["onnx_sha256"]["fp16"] == hashlib.sha256(fp16).hexdigest()
     assert not (bundle / "model.fp16.test.engine").exists()
     assert b.manifest["exports"]["engines"] == [] and "model.fp16.test.engine" not in b.files
-    trust.check_graph_thresholds(b)
+    bundle_thresholds.check_graph_thresholds(b)
     # the graphs still run
     folder = write_folder(tmp_path / "frames", 2)
     assert _run(bundle, folder).exit_code == 0
@@ -294,9 +293,9 @@ def test_thresholds_recomputes_from_stored_statistics_and_updates_every_graph(tm
 
 def test_thresholds_at_the_trained_fpr_reproduce_the_trained_value(tmp_path):
     thresholds, _, _ = _validation_rule()
-    value, _ = trust.pixel_threshold_for_fpr(thresholds, 0.001)
+    value, _ = threshold_rules.pixel_threshold_for_fpr(thresholds, 0.001)
     assert value == thresholds["pixel"]
-    between, text = trust.pixel_threshold_for_fpr(thresholds, 0.0123)
+    between, text = threshold_rules.pixel_threshold_for_fpr(thresholds, 0.0123)
     assert "interpolated" in text
     table = thresholds["rule"]["validation_pixel_quantiles"]
     lo = max(i for i, f in enumerate(table["fpr"]) if f <= 0.0123)
@@ -371,21 +370,21 @@ def test_sign_and_run_with_a_trusted_key(tmp_path):
 def test_signature_survives_packing(tmp_path):
     from edgestad.bundle import pack_bundle
     keys = tmp_path / "keys"
-    private, public = trust.keygen(keys)
+    private, public = signing.keygen(keys)
     bundle = make_bundle(tmp_path / "b")
-    trust.sign_bundle(bundle, private)
+    signing.sign_bundle(bundle, private)
     archive = pack_bundle(bundle, tmp_path / "b.tar.gz")
     loaded = load_bundle(archive)
-    assert trust.verify_signature(loaded, public)
+    assert signing.verify_signature(loaded, public)
     with pytest.raises(BundleError):
-        trust.load_private_key(public)
+        signing.load_private_key(public)
 
 
 # ------------------------------------------------------------------------------ the review band
 
 
 def _rank_rule(n: int = 20) -> dict:
-    """Thresholds as the current train/calibrate.py writes them (validation scores stored)."""
+    """Thresholds as training writes them now (validation scores stored)."""
     thresholds, _, _ = _validation_rule()
     scores = sorted(float(v) for v in np.linspace(0.30, 0.60, n))
     thresholds["rule"].update(validation_scores=scores, validation_images=n)

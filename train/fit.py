@@ -30,7 +30,9 @@ from edgestad.methods.common.global_score import fit_global_branch
 from edgestad.methods.common.scoring import describe_image_score
 
 from .augment import choose_augmentation
-from .calibrate import fit_thresholds, predict
+from edgestad.thresholds import fit_thresholds
+
+from .calibrate import predict
 
 
 class TrainError(ValueError):
@@ -157,7 +159,7 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
         # a few real defects: the image threshold for a recall target, its cost from the
         # validation goods (the same rule as `edgestad thresholds --defects`)
         from edgestad.data import list_images
-        from edgestad.trust import new_thresholds
+        from edgestad.thresholds import new_thresholds
         d_images, d_boxes = load_images(list_images(settings.defects), size, resize=config.resize,
                                         with_boxes=True, roi=roi)
         _, d_scores = predict(model, nchw(d_images), device,

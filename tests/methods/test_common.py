@@ -11,7 +11,7 @@ from edgestad.methods.common.backbones import (BackboneError, FeaturePyramid,  #
                                                describe_weights, load_state_dict_file)
 from edgestad.methods.common.scoring import (AnomalyModel, MapSmoothing, check_map_sigma,  # noqa: E402
                                              image_score, parse_image_score)
-from edgestad.train.calibrate import fit_thresholds  # noqa: E402
+from edgestad.thresholds import fit_thresholds  # noqa: E402
 
 
 @pytest.mark.parametrize("name, channels", [

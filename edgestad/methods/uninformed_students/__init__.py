@@ -71,7 +71,7 @@ class UninformedStudentsMethod(Method):
         return UninformedStudents(config)
 
     def fit(self, model: UninformedStudents, images: np.ndarray, ctx: FitContext) -> list[dict]:
-        from edgestad.bundle import sha256_file
+        from edgestad.files import sha256_file
         from .students import train_students
         from .teachers import read_teacher_file, resolve_teachers
         info = {}
