@@ -6,7 +6,7 @@ Exports a *copy* of BUNDLE with exactly the code `edgestad export` runs (the bun
 modified), using DATASET (an MVTec-layout category folder) for int8 calibration (training half of
 the bundle's own train/validation split), the parity images and the test set. Writes
 benchmarks/results/export_parity_<NAME>.json (NAME defaults to the bundle folder's name) and
-prints the table quoted in the README:
+prints the table quoted in docs/deployment/precision.md:
 
 - max rel diff = max|a - b| / max|b| of the anomaly maps over all parity images (b = torch model,
   or the fp32 graph in the "vs fp32 graph" column); target for fp32: <= 1e-4;

@@ -1,4 +1,4 @@
-"""The README's per-method results table, from the committed result files.
+"""The per-method results table of docs/results/real-data.md, from the committed result files.
 
     python benchmarks/methods_table.py > benchmarks/results/methods_table.md
 

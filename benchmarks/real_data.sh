@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Real-data runs behind the README's results table (CPU settings; see README "Results").
+# Real-data runs behind the results table in docs/results/real-data.md (CPU settings).
 # Usage: bash benchmarks/real_data.sh [bottle|magnetic_tile|teacher_ablation] [OUT]
 # Reads $EDGESTAD_DATA (default ../shared/data). Each run: train a bundle, evaluate it, copy the
 # metrics into benchmarks/results/.

@@ -1,4 +1,4 @@
-"""Speed tables of the README ("Performance"), each one `edgestad bench` run with fixed options.
+"""Speed tables of docs/results/performance.md, each one `edgestad bench` run with fixed options.
 
     python benchmarks/speed.py edge      # edge default vs EfficientAD-S, fused vs unfused, all backends
     python benchmarks/speed.py fusion    # fused vs unfused at multi-scale s2 (torch eager, ORT fp32)
@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# The edge default recommended in the README: p = 65 alone, dense stride 4, width 64 (see
+# The edge default recommended in docs/results/performance.md: p = 65 alone, dense stride 4, width 64 (see
 # results/frontier_bottle.md and frontier_magnetic_tile.md for why).
 EDGE = ["-p", "65", "--dense-stride", "4", "--width", "64"]
 CPU_BACKENDS = "torch,ort-fp32,ort-fp16,ort-int8"

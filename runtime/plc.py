@@ -576,7 +576,7 @@ class OpcUaSink(_ServerThread):
         await server.init()
         server.set_endpoint(self.url)
         server.set_server_name("edgestad")
-        # A line network: no certificates to manage, anonymous read access (see the README).
+        # A line network: no certificates to manage, anonymous read access (see docs/operator/plc.md).
         server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         server.set_identity_tokens([ua.AnonymousIdentityToken])
         idx = await server.register_namespace(self.namespace)

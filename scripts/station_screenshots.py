@@ -1,4 +1,4 @@
-"""Screenshots of the operator station for the README, on a real trained bundle and real images.
+"""Screenshots of the operator station for docs/operator/station.md, on a real trained bundle and real images.
 
     python scripts/station_screenshots.py BUNDLE DATA/<category> [--out docs/images]
 
@@ -35,7 +35,7 @@ def main() -> None:
 
     from edgestad.bundle import load_bundle
     from edgestad.data import read_image
-    from edgestad.onnx_session import ort_session, run_session
+    from edgestad.runner import run_graph
     from edgestad.runtime.accounts import Users
     from edgestad.runtime.backends import select_backend
     from edgestad.runtime.cli import make_station
@@ -59,9 +59,8 @@ def main() -> None:
 
     # choose a good, a REVIEW and a defective part by their real scores
     paths = sorted((args.data / "test").glob("*/*.png"))
-    session = ort_session(bundle.file(bundle.manifest["exports"]["onnx"]["fp32"]))
     batch = np.stack([read_image(p, (h, w)).transpose(2, 0, 1) for p in paths])
-    _, scores = run_session(session, batch)
+    _, scores = run_graph(bundle.file(bundle.manifest["exports"]["onnx"]["fp32"]), batch)
     pick = {}
     for decision, test in (("ok", lambda s: s <= thr.review), ("review", lambda s: thr.review < s <= thr.image),
                            ("ng", lambda s: s > thr.image)):

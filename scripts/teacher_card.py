@@ -86,7 +86,7 @@ def main():
             f"| 10× fewer iterations | {wt.get('iterations', '≈1/10')} | {weak['au_pro']:.3f} | "
             f"{weak['pixel_auroc']:.3f} | {weak['image_auroc']:.3f} |", "",
             "Reproduce: `bash benchmarks/real_data.sh bottle` and `WEAK_TEACHER=... bash "
-            "benchmarks/real_data.sh teacher_ablation` (see the README's Results section).", ""]
+            "benchmarks/real_data.sh teacher_ablation` (see docs/results/real-data.md).", ""]
     (INDEX.parent / "MODEL_CARD.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

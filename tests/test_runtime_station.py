@@ -2,7 +2,7 @@
 (real ONNX Runtime session, real files, real sockets), its accounts, its threshold changes
 through the bundle's recorded path, captures, and counters that equal the events log.
 
-With ``EDGESTAD_SCREENSHOTS=DIR`` the page test writes its screenshots there (the README's come
+With ``EDGESTAD_SCREENSHOTS=DIR`` the page test writes its screenshots there (docs/operator/station.md's come
 from ``scripts/station_screenshots.py`` on a real trained bundle, with the same driver)."""
 
 from __future__ import annotations
