@@ -182,7 +182,8 @@ def evaluate_variants(bundle_path: Path, data: Path, variants: list[tuple[list[i
 
 # -------------------------------------------------------------------------------- timing
 def time_configs(threads: int, iterations: int, max_seconds: float, previous: dict) -> list[dict]:
-    from edgestad.bench.cli import Subject, peer_model, random_uninformed_students, run_bench
+    from edgestad.bench.run import run_bench
+    from edgestad.bench.subjects import Subject, peer_model, random_uninformed_students
     from edgestad.methods.uninformed_students.fused import fuse_model
     rows = []
     size = tuple(BASE["input_size"])

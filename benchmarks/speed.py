@@ -42,7 +42,8 @@ PRESETS = {
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 def main(preset, threads, out, extra):
-    from edgestad.bench.cli import bench_command, markdown_table
+    from edgestad.bench.cli import bench_command
+    from edgestad.bench.report import markdown_table
     out.mkdir(parents=True, exist_ok=True)
     json_file = out / f"speed_{preset}.json"
     args = [*PRESETS[preset], *(["--threads", str(threads)] if threads else []), *extra,

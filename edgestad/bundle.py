@@ -396,13 +396,15 @@ def add_files(
     remove: Iterable[str] = (),
     check_decisions: bool = True,
     seal: bool = False,
+    replace: Iterable[str] = (),
 ) -> Bundle:
     """Add or replace files in an existing bundle directory and update its manifest.
 
     Used by export (model.onnx, engines, reports). Each file is written to a temp name in the
     bundle, fsynced and ``os.replace``\\ d into place; then manifest.json is rewritten atomically
     with the new hashes, ``manifest_updates`` deep-merged in (nested dicts merge, other values
-    replace), and the ``remove``\\ d names dropped; only then are removed files deleted. A crash
+    replace; top-level sections named in ``replace`` are replaced whole), and the ``remove``\\ d
+    names dropped; only then are removed files deleted. A crash
     before the manifest rewrite can leave a replaced file whose hash no longer matches: the
     loader then reports a sha256 mismatch for that file instead of silently running it.
     The manifest on disk must match its ``decision_digest`` (else DecisionDigestError, nothing
@@ -453,6 +455,8 @@ def add_files(
             raise
     fsync_dir(bundle_dir)
 
+    for key in replace:
+        manifest.pop(key, None)
     _deep_merge(manifest, updates)
     for name in remove:
         manifest["files"].pop(name, None)
@@ -468,6 +472,13 @@ def add_files(
         fsync_dir(bundle_dir)
     bundle = Bundle(bundle_dir, manifest)
     return bundle
+
+
+def record_exports(path: str | os.PathLike[str], files: Mapping[str, FileSource], exports: dict,
+                   remove: Iterable[str] = ()) -> Bundle:
+    """Add export's files (graphs, report, engines) and make ``exports`` the manifest's whole
+    ``exports`` section, so graphs and engines it no longer lists drop out of it."""
+    return add_files(path, files, {"exports": exports}, remove, replace=("exports",))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def defect_scores(bundle: Bundle, folder) -> list[float]:
     graph (ONNX Runtime, torch-free), preprocessed by the bundle's own input rule."""
     from .contract import uses_valid_box
     from .data import DataError, list_images, load_images
-    from .onnx_session import ort_session, run_session
+    from .runner import run_graph
     name = graph_files(bundle.manifest).get("fp32")
     if not name:
         raise ThresholdError(f"--defects: {bundle.path} has no exported fp32 graph to score the "
@@ -123,8 +123,8 @@ def defect_scores(bundle: Bundle, folder) -> list[float]:
                                     resize=section.get("resize", "area_or_linear"), with_boxes=True)
     except DataError as exc:
         raise ThresholdError(f"--defects: {exc}") from None
-    _, scores = run_session(ort_session(bundle.file(name)), images.transpose(0, 3, 1, 2),
-                            boxes=boxes if uses_valid_box(section) else None)
+    _, scores = run_graph(bundle.file(name), images.transpose(0, 3, 1, 2),
+                          boxes if uses_valid_box(section) else None)
     return [float(s) for s in scores]
 
 

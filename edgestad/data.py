@@ -613,6 +613,13 @@ def map_to_eval_grid(amap: np.ndarray, box: Sequence[float]) -> np.ndarray:
     return cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+def to_eval_grid(maps: np.ndarray, boxes: np.ndarray | None) -> np.ndarray:
+    """``map_to_eval_grid`` of N maps and their valid boxes (``boxes`` None: the maps as they are)."""
+    if boxes is None:
+        return maps
+    return np.stack([map_to_eval_grid(m, b) for m, b in zip(maps, boxes)])
+
+
 # --------------------------------------------------------------------------- provenance
 
 _FINGERPRINT_CHUNK = 64 * 1024

@@ -19,7 +19,8 @@ import numpy as np
 from edgestad import metrics
 from edgestad.bundle import add_files, load_bundle
 from edgestad.contract import uses_valid_box
-from edgestad.data import load_test_set, map_to_eval_grid
+from edgestad.data import load_test_set, map_to_eval_grid, to_eval_grid  # noqa: F401 (re-exported)
+from edgestad.runner import EVALUATE_BACKENDS, backend_spellings, canonical_backend
 
 
 def torch_maps(bundle, images: np.ndarray, boxes: np.ndarray | None, device: str = "cpu",
@@ -28,15 +29,14 @@ def torch_maps(bundle, images: np.ndarray, boxes: np.ndarray | None, device: str
     are the method's named partial maps (per level / scale), scored by the same image-score rule."""
     import torch
     from edgestad.methods import get_method, load_model
+    from edgestad.torch_loop import batches
 
     model = load_model(bundle, device)
     method = get_method(bundle.manifest["method"])
+    boxes = boxes if model.takes_valid_box else None
     out: dict[str, list] = {}
     with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).to(device)
-            box = (torch.from_numpy(boxes[start:start + batch_size]).to(device)
-                   if boxes is not None and model.takes_valid_box else None)
+        for batch, box in batches(images.transpose(0, 3, 1, 2), boxes, batch_size, device):
             amap, map_score, global_score = model.scores(batch, box)
             score = (map_score if global_score is None
                      else model.score_fusion(map_score, global_score))
@@ -57,17 +57,9 @@ def torch_maps(bundle, images: np.ndarray, boxes: np.ndarray | None, device: str
 
 def onnx_maps(onnx_path: Path, images: np.ndarray, boxes: np.ndarray | None,
               batch_size: int = 4) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from edgestad.onnx_session import ort_session, run_session
-    session = ort_session(onnx_path)
-    batch = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-    return {"model": run_session(session, batch, batch_size, boxes)}
-
-
-def to_eval_grid(maps: np.ndarray, boxes: np.ndarray | None) -> np.ndarray:
-    """Letterboxed maps cropped to their valid boxes and resampled onto the masks' grid."""
-    if boxes is None:
-        return maps
-    return np.stack([map_to_eval_grid(m, b) for m, b in zip(maps, boxes)])
+    from edgestad.runner import run_graph
+    return {"model": run_graph(onnx_path, images.transpose(0, 3, 1, 2), boxes,
+                               batch_size=batch_size)}
 
 
 def compute_metrics(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray,
@@ -130,6 +122,10 @@ def model_line(manifest: dict) -> str:
 def evaluate_bundle(bundle_path: Path, data: Path, out_dir: Path, backend: str = "torch",
                     precision: str = "fp32", device: str = "cpu", batch_size: int = 4,
                     plots: bool = True, record: bool = True) -> dict:
+    try:
+        backend = canonical_backend(backend, EVALUATE_BACKENDS)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--backend") from None
     bundle = load_bundle(bundle_path)
     h, w = bundle.input_size
     resize = bundle.manifest["input"].get("resize", "area_or_linear")
@@ -140,7 +136,7 @@ def evaluate_bundle(bundle_path: Path, data: Path, out_dir: Path, backend: str =
     start = time.time()
     if backend == "torch":
         outputs = torch_maps(bundle, images, boxes, device, batch_size)
-    elif backend == "onnx":
+    else:  # onnx
         name = bundle.manifest.get("exports", {}).get("onnx", {}).get(precision)
         if not name:
             raise click.ClickException(f"bundle {bundle_path} has no exported {precision} ONNX "
@@ -149,8 +145,6 @@ def evaluate_bundle(bundle_path: Path, data: Path, out_dir: Path, backend: str =
         from edgestad.bundle_thresholds import check_graph_thresholds
         check_graph_thresholds(bundle, [name])  # decisions below use the manifest's thresholds
         outputs = onnx_maps(bundle.file(name), images, boxes, batch_size)
-    else:
-        raise click.BadParameter(f"unknown backend {backend!r}", param_hint="--backend")
     seconds = time.time() - start
     score_parts = {k.split(":", 1)[1]: s for k, (m, s) in outputs.items() if m is None}
     outputs = {k: v for k, v in outputs.items() if v[0] is not None}
@@ -264,8 +258,9 @@ def save_overlays(images, maps, masks, labels, defect_types, paths, out_dir: Pat
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Report folder (default: <bundle>/../<bundle name>_eval).")
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch",
-              show_default=True)
+@click.option("--backend", type=click.Choice(backend_spellings(EVALUATE_BACKENDS)),
+              default="torch", show_default=True,
+              help="torch: the PyTorch model; onnx (also onnxruntime, ort): an exported graph.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True, help="Which exported graph --backend onnx runs.")
 @click.option("--device", default="cpu", show_default=True,
@@ -273,9 +268,10 @@ def save_overlays(images, maps, masks, labels, defect_types, paths, out_dir: Pat
 @click.option("--batch-size", type=int, default=4, show_default=True)
 def evaluate_command(bundle, data, out_dir, backend, precision, device, batch_size):
     """Evaluate BUNDLE on the MVTec-layout category DATA."""
+    backend = canonical_backend(backend, EVALUATE_BACKENDS)
     if backend == "torch":
-        from edgestad.train.cli import _device
-        device = _device(device)
+        from edgestad.torch_loop import choose_device
+        device = choose_device(device)
     out_dir = out_dir or bundle.parent / f"{bundle.name}_eval"
     report = evaluate_bundle(bundle, data, out_dir, backend, precision, device, batch_size)
     click.echo(f"model: {report['model']}; image score: {report['image_score_rule']}; "

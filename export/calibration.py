@@ -72,15 +72,17 @@ def to_nchw(images_nhwc: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))
 
 
-def calibration_images(bundle: Bundle, n: int, data: str | os.PathLike | None = None) -> tuple[np.ndarray, list[Path]]:
-    """(uint8 N x 3 x H x W, their paths): ``n`` good training images at the model input size."""
+def calibration_images(bundle: Bundle, n: int, data: str | os.PathLike | None = None
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 N x 3 x H x W, valid boxes N x 4 of a letterbox bundle else None): ``n`` good
+    training images at the model input size."""
     paths = pick_evenly(training_image_paths(bundle, data), n)
     try:
-        images = load_images(paths, bundle.input_size, resize=_resize(bundle),
-                             roi=bundle.manifest["input"].get("roi"))
+        images, boxes = load_images(paths, bundle.input_size, resize=_resize(bundle), with_boxes=True,
+                                    roi=bundle.manifest["input"].get("roi"))
     except DataError as exc:
         raise CalibrationError(str(exc)) from exc
-    return to_nchw(images), paths
+    return to_nchw(images), (boxes if uses_valid_box(bundle.manifest["input"]) else None)
 
 
 def _resize(bundle: Bundle) -> str:

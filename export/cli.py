@@ -66,9 +66,11 @@ def export(bundle, precisions, opset, batch, max_batch, calibration_images, cali
 
     BUNDLE defaults to $EDGESTAD_BUNDLE or `bundle = "..."` in ./edgestad.toml.
 
-    Graph I/O: input `images` uint8 N x 3 x H x W, RGB, 0..255 (N dynamic); outputs `anomaly_map`
-    float32 N x 1 x H x W and `image_score` float32 N (the bundle's image-score rule: the map
-    score, fused with the global score where the method's global branch is on).
+    Graph I/O: input `images` uint8 N x 3 x H x W, RGB, 0..255 (N dynamic), and for letterbox
+    bundles `valid_box` float32 N x 4; outputs `anomaly_map` float32 N x 1 x H x W and
+    `image_score` float32 N, by the bundle's own image-score rule (set at training: `max`, or
+    `topk:F`, the mean of the map's top F of pixels; fused with the global score where the
+    method's global branch is on; `image_score` in the manifest).
     """
     from edgestad.bundle import BundleError, default_bundle_path
 
@@ -98,12 +100,13 @@ def _run(bundle_path, options, export_bundle, expected):
     from .parity import ParityError
     from .tensorrt_build import EngineBuildError
     from .trt_compat import TrtCompatError
+    from edgestad.runner import RunnerError
 
     try:
         return export_bundle(bundle_path, options, log=click.echo)
     except TrtCompatError as exc:
         raise click.ClickException(f"{exc}; nothing was written to the bundle") from None
-    except (GraphError, ParityError, CalibrationError) as exc:
+    except (GraphError, ParityError, CalibrationError, RunnerError) as exc:
         raise click.ClickException(f"{exc}; nothing was written to the bundle") from None
     except EngineBuildError as exc:
         raise click.ClickException(f"{exc}; the ONNX graphs were written, the engine was not") from None

@@ -1,19 +1,21 @@
 """``export_bundle``: bundle in, ONNX graphs (+ report, + TensorRT engines) added to the bundle.
 
-Steps, each of which must succeed before anything is written:
+Steps, each a function below, each of which must succeed before anything is written:
 
-1. load and verify the bundle (BundleError names the bad file, or the decision section that was
-   edited by hand) and the thresholds baked into its graphs (they must equal the manifest's);
-2. per precision, reuse the bundle's existing graph when it was made from the same weights,
-   thresholds, opset and code version (so a Jetson without torch can build engines from a bundle
-   exported on the workstation), otherwise make it: fp32 from the torch model, fp16 and int8 from
-   the fp32 graph (export/precision.py);
-3. check every graph: I/O contract, TensorRT compatibility (export/trt_compat.py);
-4. parity against the torch model and the fp32 graph on good training images, accuracy cost on
-   the test set (export/parity.py); the fp32 graph must match torch to 1e-4;
-5. one ``add_files`` call writes the graphs, ``export_report.json`` and the manifest's
-   ``exports`` section; stale engines of replaced graphs are removed in the same call;
-6. where TensorRT and a GPU exist, build, verify and add one engine per requested precision.
+1. ``_open``: load and verify the bundle (BundleError names the bad file, or the decision section
+   that was edited by hand) and the thresholds baked into its graphs (they must equal the manifest's);
+2. ``_reuse_graphs``: per precision, reuse the bundle's existing graph when it was made from the
+   same weights, thresholds, opset and code version (so a Jetson without torch can build engines
+   from a bundle exported on the workstation); ``_load_references``: the torch model and parity
+   images; ``_make_fp32`` from the torch model, ``_make_reduced``: fp16 and int8 from the fp32
+   graph (export/precision.py);
+3. ``_check_graphs``: every graph's I/O contract and TensorRT compatibility (export/trt_compat.py);
+4. ``_measure``: parity against the torch model and the fp32 graph on good training images,
+   accuracy cost on the test set (export/parity.py); the fp32 graph must match torch to 1e-4;
+5. ``_write_graphs``: one ``record_exports`` call writes the graphs, ``export_report.json`` and the
+   manifest's whole ``exports`` section; stale engines of replaced graphs are removed in the same call;
+6. ``_add_engines``: where TensorRT and a GPU exist, build, verify and add one engine per
+   requested precision.
 
 Everything is held in memory until step 5, so a failure leaves the bundle exactly as it was.
 """
@@ -28,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import onnx
 
-from edgestad.bundle import WEIGHTS_NAME, Bundle, add_files, load_bundle
+from edgestad.bundle import WEIGHTS_NAME, Bundle, load_bundle, record_exports
 from edgestad.contract import VALID_BOX_NAME, uses_valid_box
 
 from .onnx_export import DEFAULT_INT8_FP16_STRIDE, INT8_FP16_KEY
@@ -172,13 +174,52 @@ def _reusable(meta: dict, precision: str, bundle: Bundle, options: ExportOptions
     return None
 
 
-def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = print) -> ExportResult:
-    from . import calibration as cal
-    from .parity import accuracy_cost, graph_parity
-    from .precision import to_fp16, to_int8
-    from .trt_compat import assert_tensorrt_compatible
+@dataclass
+class _Work:
+    """What one export carries from step to step; nothing is written before ``_write_graphs``."""
+    bundle: Bundle
+    options: ExportOptions
+    log: Log
+    precisions: tuple[str, ...]
+    result: ExportResult
+    graphs: dict[str, bytes] = field(default_factory=dict)         # precision -> ONNX bytes
+    models: dict[str, onnx.ModelProto] = field(default_factory=dict)  # the graphs made this time
+    details: dict[str, dict] = field(default_factory=dict)        # precision -> how it was made
+    torch_model: object = None
+    parity_images: np.ndarray | None = None
+    parity_boxes: np.ndarray | None = None
+    parity_note: str | None = None
+    compat: dict = field(default_factory=dict)
+    parity: dict | None = None
+    accuracy: dict | None = None
 
-    options = options or ExportOptions()
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The requested precisions, fp32 first: it is the source of the others."""
+        return ("fp32",) + tuple(p for p in self.precisions if p != "fp32")
+
+    @property
+    def new(self) -> list[str]:
+        return [p for p in self.targets if p not in self.result.reused]
+
+
+def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = print) -> ExportResult:
+    work = _open(bundle_path, options or ExportOptions(), log)
+    _reuse_graphs(work)
+    _load_references(work)
+    _make_fp32(work)
+    _make_reduced(work)
+    _check_graphs(work)
+    _measure(work)
+    _write_graphs(work)
+    _add_engines(work)
+    if work.parity_note and not work.new:
+        log(f"note: {work.parity_note}")
+    return work.result
+
+
+def _open(bundle_path, options: ExportOptions, log: Log) -> _Work:
+    """1. the bundle, verified (files, decision digest, thresholds baked into its graphs)."""
     precisions = normalize_precisions(options.precisions)
     if not 1 <= options.batch <= options.max_batch:
         raise ExportError(f"--batch {options.batch} must be between 1 and --max-batch {options.max_batch}")
@@ -190,143 +231,165 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
     if bundle.source.is_file():
         raise ExportError(f"bundle {bundle.source} is an archive; export adds files to a bundle directory "
                           "- unpack it first")
-    manifest = bundle.manifest
-    result = ExportResult(bundle=bundle.path)
-    targets = ("fp32",) + tuple(p for p in precisions if p != "fp32")  # fp32 is the source of the rest
+    return _Work(bundle, options, log, precisions, ExportResult(bundle=bundle.path))
+
+
+def _reuse_graphs(work: _Work) -> None:
+    """2a. the bundle's graphs made from the same weights, thresholds and settings are kept."""
+    manifest = work.bundle.manifest
     existing = (manifest.get("exports") or {}).get("onnx") or {}
-
-    # --- 2. reuse or make -----------------------------------------------------------------------
-    graphs: dict[str, bytes] = {}
-    details: dict[str, dict] = {}
-    for precision in targets:
+    for precision in work.targets:
         name = existing.get(precision)
-        if options.force or not name or name not in manifest["files"]:
+        if work.options.force or not name or name not in manifest["files"]:
             continue
-        data = bundle.file(name).read_bytes()
-        fp32_sha = sha256_bytes(graphs["fp32"]) if "fp32" in graphs else None
-        why_not = _reusable(read_metadata(onnx.load_from_string(data)), precision, bundle, options, fp32_sha)
+        data = work.bundle.file(name).read_bytes()
+        fp32_sha = sha256_bytes(work.graphs["fp32"]) if "fp32" in work.graphs else None
+        why_not = _reusable(read_metadata(onnx.load_from_string(data)), precision, work.bundle,
+                            work.options, fp32_sha)
         if why_not is None:
-            graphs[precision] = data
-            result.reused.append(precision)
-            log(f"reusing {name} ({precision}): made from these weights with the same settings (--force re-exports)")
+            work.graphs[precision] = data
+            work.result.reused.append(precision)
+            work.log(f"reusing {name} ({precision}): made from these weights with the same settings "
+                     "(--force re-exports)")
         else:
-            log(f"re-exporting {precision}: the bundle's {name} is stale ({why_not})")
-    new = [p for p in targets if p not in graphs]
+            work.log(f"re-exporting {precision}: the bundle's {name} is stale ({why_not})")
 
-    torch_model = None
-    if new:  # the torch model is the parity reference whenever a graph is made
+
+def _load_references(work: _Work) -> None:
+    """2b. the torch model (the parity reference whenever a graph is made) and parity images."""
+    from . import calibration as cal
+    if work.new:
         try:
             from edgestad.methods import load_model
-            torch_model = load_model(bundle)
+            work.torch_model = load_model(work.bundle)
         except ImportError as exc:
-            if "fp32" in new:
+            if "fp32" in work.new:
                 raise ExportError(f"exporting the fp32 graph needs torch ({exc}); install edgestad[train], "
                                   "or export on the training machine and copy the bundle") from exc
-            log(f"torch is not installed ({exc}): new graphs are compared with the fp32 graph only")
-
-    parity_images = calibration_images = None
-    parity_note = None
+            work.log(f"torch is not installed ({exc}): new graphs are compared with the fp32 graph only")
     try:
-        parity_images, _ = cal.calibration_images(bundle, options.parity_images, options.calibration_data)
+        work.parity_images, work.parity_boxes = cal.calibration_images(
+            work.bundle, work.options.parity_images, work.options.calibration_data)
     except cal.CalibrationError as exc:
-        if new:
+        if work.new:
             raise ExportError(f"cannot check parity of the new graphs: {exc}") from exc
-        parity_note = str(exc)
+        work.parity_note = str(exc)
 
-    models: dict[str, onnx.ModelProto] = {}
-    if "fp32" in new:
+
+def _make_fp32(work: _Work) -> None:
+    """2c. the fp32 graph from the torch model (or the method's deploy form of it)."""
+    bundle, options, manifest = work.bundle, work.options, work.bundle.manifest
+    if "fp32" in work.new:
+        from edgestad.methods import get_method
+
         from .onnx_export import export_fp32
-        graph_source = torch_model
+        method = get_method(manifest["method"])
+        graph_source = work.torch_model
         if options.form != "default":
             # An alternative form of the same model (e.g. Uninformed Students' fused ensemble);
             # parity below still compares with the bundle's own torch model.
-            from edgestad.methods import get_method
-            forms = get_method(manifest["method"]).deploy_forms()
+            forms = method.deploy_forms()
             if options.form not in forms:
                 raise ExportError(f"--form {options.form}: method {manifest['method']} has no such "
                                   f"deploy form (it has: {', '.join(['default', *forms])})")
-            graph_source = forms[options.form](torch_model)
+            graph_source = forms[options.form](work.torch_model)
         backbone = (manifest.get("backbone") or {}).get("name")
-        log(f"exporting fp32 graph (opset {options.opset}, {manifest['method']}"
-            + (f", backbone {backbone}" if backbone else "")
-            + f", {_form(options)} form) from the torch model ...")
-        from edgestad.methods import get_method
-        method = get_method(manifest["method"])
+        work.log(f"exporting fp32 graph (opset {options.opset}, {manifest['method']}"
+                 + (f", backbone {backbone}" if backbone else "")
+                 + f", {_form(options)} form) from the torch model ...")
         fp32_modules = method.fp32_modules(method.config_cls.from_dict(manifest["method_config"]))
-        models["fp32"] = export_fp32(graph_source, bundle.input_size, options.opset,
-                                     valid_box=uses_valid_box(manifest["input"]),
-                                     fp32_modules=fp32_modules)
-        details["fp32"] = {"rule": "float32 everywhere (reference graph)",
-                           "network_form": _form(options)}
-    fp32_model = models.get("fp32") or onnx.load_from_string(graphs["fp32"])
-    if "fp32" in models:
-        set_metadata(fp32_model, _graph_metadata(bundle, "fp32", options.opset,
-                                                 {"precision_rule": details["fp32"]["rule"],
-                                                  "network_form": _form(options),
-                                                  "torch_version": _versions()["torch"] or ""}))
-        graphs["fp32"] = fp32_model.SerializeToString()
-    fp32_sha = sha256_bytes(graphs["fp32"])
-    if "fp16" in new:
-        log("converting to fp16 (convolution networks fp16, scoring tail fp32) ...")
+        model = export_fp32(graph_source, bundle.input_size, options.opset,
+                            valid_box=uses_valid_box(manifest["input"]), fp32_modules=fp32_modules)
+        work.details["fp32"] = {"rule": "float32 everywhere (reference graph)",
+                                "network_form": _form(options)}
+        set_metadata(model, _graph_metadata(bundle, "fp32", options.opset,
+                                            {"precision_rule": work.details["fp32"]["rule"],
+                                             "network_form": _form(options),
+                                             "torch_version": _versions()["torch"] or ""}))
+        work.models["fp32"] = model
+        work.graphs["fp32"] = model.SerializeToString()
+
+
+def _make_reduced(work: _Work) -> None:
+    """2d. fp16 and int8 graphs from the fp32 graph (export/precision.py)."""
+    from . import calibration as cal
+    from .precision import to_fp16, to_int8
+
+    options, models, details = work.options, work.models, work.details
+    fp32_model = models.get("fp32") or onnx.load_from_string(work.graphs["fp32"])
+    if "fp16" in work.new:
+        work.log("converting to fp16 (convolution networks fp16, scoring tail fp32) ...")
         models["fp16"], details["fp16"] = to_fp16(fp32_model)
-    if "int8" in new:
+    if "int8" in work.new:
         try:
-            calibration_images, calib_paths = cal.calibration_images(bundle, options.calibration_images,
-                                                                     options.calibration_data)
+            images, _ = cal.calibration_images(work.bundle, options.calibration_images,
+                                               options.calibration_data)
         except cal.CalibrationError as exc:
             raise ExportError(f"int8 needs calibration images: {exc}") from exc
-        log(f"quantizing to int8 (Q/DQ, {options.calibration_method} calibration on "
-            f"{len(calibration_images)} good training images) ...")
-        models["int8"], details["int8"] = to_int8(fp32_model, calibration_images, options.calibration_method,
+        work.log(f"quantizing to int8 (Q/DQ, {options.calibration_method} calibration on "
+                 f"{len(images)} good training images) ...")
+        models["int8"], details["int8"] = to_int8(fp32_model, images, options.calibration_method,
                                                   fp16_stride=options.int8_fp16_stride)
-        details["int8"]["calibration_data"] = str(cal.data_folder(bundle, options.calibration_data))
+        details["int8"]["calibration_data"] = str(cal.data_folder(work.bundle, options.calibration_data))
     for precision in ("fp16", "int8"):
         if precision in models:
-            extra = {"precision_rule": details[precision]["rule"], "source_fp32_sha256": fp32_sha}
+            extra = {"precision_rule": details[precision]["rule"],
+                     "source_fp32_sha256": sha256_bytes(work.graphs["fp32"])}
             if precision == "int8":
                 extra["calibration"] = {"images": options.calibration_images,
                                         "method": options.calibration_method,
                                         "fp16_stride": options.int8_fp16_stride}
-            set_metadata(models[precision], _graph_metadata(bundle, precision, default_opset(fp32_model), extra))
-            graphs[precision] = models[precision].SerializeToString()
+            set_metadata(models[precision], _graph_metadata(work.bundle, precision,
+                                                            default_opset(fp32_model), extra))
+            work.graphs[precision] = models[precision].SerializeToString()
 
-    # --- 3. contract + TensorRT compatibility (new and reused graphs alike) -------------------------
-    compat = {}
-    for precision in targets:
-        model = models.get(precision) or onnx.load_from_string(graphs[precision])
+
+def _check_graphs(work: _Work) -> None:
+    """3. every graph, new or reused: the I/O contract and TensorRT compatibility."""
+    from .trt_compat import assert_tensorrt_compatible
+    for precision in work.targets:
+        model = work.models.get(precision) or onnx.load_from_string(work.graphs[precision])
         what = f"{ONNX_FILES[precision]} ({precision})"
-        check_io_contract(model, bundle.input_size, uses_valid_box(manifest["input"]))
-        compat[precision] = assert_tensorrt_compatible(model, what).summary()
-        log(f"  {what}: TensorRT-compatible ({compat[precision]['checked_nodes']} nodes, opset "
-            f"{compat[precision]['opset']})")
+        check_io_contract(model, work.bundle.input_size, uses_valid_box(work.bundle.manifest["input"]))
+        work.compat[precision] = summary = assert_tensorrt_compatible(model, what).summary()
+        work.log(f"  {what}: TensorRT-compatible ({summary['checked_nodes']} nodes, opset "
+                 f"{summary['opset']})")
 
-    # --- 4. parity and accuracy of the new graphs ---------------------------------------------------
-    report_parity = report_accuracy = None
-    if new:
-        measured = {p: graphs[p] for p in targets if p in new or p == "fp32"}  # fp32: the reference
-        log(f"parity on {len(parity_images)} good training images (ONNX Runtime CPU"
-            + (" vs torch" if torch_model is not None else "") + ") ...")
-        report_parity = graph_parity(measured, parity_images, torch_model, options.batch_size,
-                                     options.threads, log)
-        if options.accuracy:
-            test = cal.test_set(bundle, options.calibration_data)
-            if test is None:
-                log("  no test/ folder in the data: accuracy cost not measured")
-            else:
-                log(f"accuracy cost on {len(test[0])} test images ...")
-                images, masks, labels, boxes = test
-                report_accuracy = accuracy_cost(measured, images, masks, labels,
-                                                batch_size=options.batch_size,
-                                                threads=options.threads, log=log, boxes=boxes,
-                                                thresholds=manifest.get("thresholds"))
 
-    # --- 5. write graphs + report + manifest in one add_files -------------------------------------
-    old_report = _read_report(bundle)
-    report = _merge_report(old_report, bundle, targets, new, graphs, details, compat, report_parity,
-                           report_accuracy, options)
+def _measure(work: _Work) -> None:
+    """4. parity (vs torch and the fp32 graph) and accuracy cost (test set) of the new graphs."""
+    from . import calibration as cal
+    from .parity import accuracy_cost, graph_parity
+    if not work.new:
+        return
+    options, log = work.options, work.log
+    measured = {p: work.graphs[p] for p in work.targets if p in work.new or p == "fp32"}  # fp32: the reference
+    log(f"parity on {len(work.parity_images)} good training images (ONNX Runtime CPU"
+        + (" vs torch" if work.torch_model is not None else "") + ") ...")
+    work.parity = graph_parity(measured, work.parity_images, work.torch_model, options.batch_size,
+                               options.threads, log)
+    if options.accuracy:
+        test = cal.test_set(work.bundle, options.calibration_data)
+        if test is None:
+            log("  no test/ folder in the data: accuracy cost not measured")
+        else:
+            log(f"accuracy cost on {len(test[0])} test images ...")
+            images, masks, labels, boxes = test
+            work.accuracy = accuracy_cost(measured, images, masks, labels, batch_size=options.batch_size,
+                                          threads=options.threads, log=log, boxes=boxes,
+                                          thresholds=work.bundle.manifest.get("thresholds"))
+
+
+def _write_graphs(work: _Work) -> None:
+    """5. graphs, export_report.json and the manifest's exports in one write; graphs derived from a
+    replaced fp32 graph and engines built from replaced graphs are removed in the same write."""
+    manifest, log, result = work.bundle.manifest, work.log, work.result
+    existing = (manifest.get("exports") or {}).get("onnx") or {}
+    report = _merge_report(_read_report(work.bundle), work.bundle, work.targets, work.new, work.graphs,
+                           work.details, work.compat, work.parity, work.accuracy, work.options)
     # Graphs derived from a replaced fp32 graph (fp16/int8 not requested this time) no longer
     # match it; drop them rather than leave a bundle whose graphs disagree with each other.
-    orphans = [p for p in existing if "fp32" in new and p not in targets and p in ONNX_FILES]
+    orphans = [p for p in existing if "fp32" in work.new and p not in work.targets and p in ONNX_FILES]
     remove = [ONNX_FILES[p] for p in orphans if ONNX_FILES[p] in manifest["files"]]
     for p in orphans:
         report["graphs"].pop(p, None)
@@ -334,22 +397,16 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
             f"(re-create it with --precision {p})")
     engines_before = _engine_entries(manifest)
     stale = [e for e in engines_before if e.get("precision") in orphans or (
-        e.get("precision") in new and e.get("onnx_sha256") != sha256_bytes(graphs[e["precision"]]))]
+        e.get("precision") in work.new and e.get("onnx_sha256") != sha256_bytes(work.graphs[e["precision"]]))]
     for entry in stale:
         for key in ("file", "sidecar"):
             if entry.get(key) and entry[key] in manifest["files"]:
                 remove.append(entry[key])
-    engines_after = [e for e in engines_before if e not in stale]
-    report["engines"] = engines_after
-    files = {ONNX_FILES[p]: graphs[p] for p in new}
+    report["engines"] = [e for e in engines_before if e not in stale]
+    files = {ONNX_FILES[p]: work.graphs[p] for p in work.new}
     files[REPORT_FILE] = _json_bytes(report)
-    updates = {"exports": _exports_section(bundle, targets, details, options, engines_after, graphs)}
-    bundle = add_files(bundle.path, files, manifest_updates=updates, remove=remove)
-    if orphans:  # deep-merge cannot delete keys: rewrite the maps without the removed graphs
-        exports = bundle.manifest["exports"]
-        kept = {k: {p: v for p, v in (exports.get(k) or {}).items() if p not in orphans}
-                for k in ("onnx", "onnx_sha256", "precision_rules")}
-        bundle = _replace_export_maps(bundle, kept)
+    exports = _exports_section(work, report["engines"], orphans)
+    work.bundle = record_exports(work.bundle.path, files, exports, remove=remove)
     result.written = sorted(files)
     result.removed = remove
     for name in remove:
@@ -357,34 +414,28 @@ def export_bundle(bundle_path, options: ExportOptions | None = None, log: Log = 
             log(f"removed {name}: its engine was built from a graph that was just replaced")
     result.report = report
 
-    # --- 6. engines -----------------------------------------------------------------------------------
-    result.engine_note, built = _maybe_build_engines(bundle, precisions, graphs, options, parity_images, log)
-    if built:
-        engines = [e for e in engines_after if e.get("file") not in {b["file"] for b in built}] + built
-        report["engines"] = engines
-        files = {}
-        for entry in built:
-            files[entry["file"]] = entry.pop("_plan")
-            files[entry["sidecar"]] = entry.pop("_sidecar")
-        files[REPORT_FILE] = _json_bytes(report)
-        bundle = add_files(bundle.path, files, manifest_updates={"exports": {"engines": engines}})
-        result.written += sorted(files)
-        result.engines = built
-    if parity_note and not new:
-        log(f"note: {parity_note}")
-    return result
+
+def _add_engines(work: _Work) -> None:
+    """6. where TensorRT and a GPU exist: build, verify and add one engine per precision."""
+    result = work.result
+    result.engine_note, built = _maybe_build_engines(work)
+    if not built:
+        return
+    report = result.report
+    engines = [e for e in report["engines"] if e.get("file") not in {b["file"] for b in built}] + built
+    report["engines"] = engines
+    files = {}
+    for entry in built:
+        files[entry["file"]] = entry.pop("_plan")
+        files[entry["sidecar"]] = entry.pop("_sidecar")
+    files[REPORT_FILE] = _json_bytes(report)
+    work.bundle = record_exports(work.bundle.path, files,
+                                 {**work.bundle.manifest["exports"], "engines": engines})
+    result.written += sorted(files)
+    result.engines = built
 
 
 # ------------------------------------------------------------------------------ report / manifest
-
-
-def _replace_export_maps(bundle: Bundle, maps: dict) -> Bundle:
-    """Set exports.<key> to exactly ``maps[key]`` (add_files' deep merge only adds keys)."""
-    from edgestad.bundle import MANIFEST_NAME, atomic_write_json
-    manifest = json.loads((bundle.path / MANIFEST_NAME).read_text())
-    manifest["exports"].update(maps)
-    atomic_write_json(bundle.path / MANIFEST_NAME, manifest)
-    return load_bundle(bundle.path)
 
 
 def _json_bytes(obj) -> bytes:
@@ -449,24 +500,33 @@ def _engine_entries(manifest: dict) -> list[dict]:
     return [dict(e) for e in entries if isinstance(e, dict) and e.get("file")]
 
 
-def _exports_section(bundle: Bundle, targets, details, options, engines, graphs) -> dict:
-    height, width = bundle.input_size
+def _exports_section(work: _Work, engines: list[dict], orphans: Sequence[str]) -> dict:
+    """The manifest's whole ``exports`` section after this export: this run's graphs, the earlier
+    ones still valid (not derived from a replaced fp32 graph), their rules, and ``engines``."""
+    height, width = work.bundle.input_size
+    old = dict(work.bundle.manifest.get("exports") or {})
+
+    def kept(key: str) -> dict:
+        return {p: v for p, v in (old.get(key) or {}).items() if p not in orphans}
     section = {
-        "onnx": {p: ONNX_FILES[p] for p in targets},
-        "onnx_sha256": {p: sha256_bytes(graphs[p]) for p in targets},
-        "opset": options.opset,
+        **old,
+        "onnx": {**kept("onnx"), **{p: ONNX_FILES[p] for p in work.targets}},
+        "onnx_sha256": {**kept("onnx_sha256"), **{p: sha256_bytes(work.graphs[p]) for p in work.targets}},
+        "opset": work.options.opset,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "color": "RGB",
                   "shape": ["batch", 3, height, width], "value_range": [0, 255]},
         "valid_box": ({"name": VALID_BOX_NAME, "dtype": "float32", "shape": ["batch", 4],
                        "meaning": "top, left, bottom, right of the image on the letterbox canvas"}
-                      if uses_valid_box(bundle.manifest["input"]) else None),
+                      if uses_valid_box(work.bundle.manifest["input"]) else None),
         "outputs": {MAP_NAME: {"dtype": "float32", "shape": ["batch", 1, height, width]},
                     SCORE_NAME: {"dtype": "float32", "shape": ["batch"]}},
         "report": REPORT_FILE,
         "engines": engines,
         "exported_at": _now(),
     }
-    rules = {p: details[p]["rule"] for p in details if "rule" in details[p]}
+    rules = {**kept("precision_rules"),
+             **{p: d["rule"] for p, d in work.details.items() if "rule" in d}}
+    section.pop("precision_rules", None)
     if rules:
         section["precision_rules"] = rules
     return section
@@ -475,22 +535,25 @@ def _exports_section(bundle: Bundle, targets, details, options, engines, graphs)
 # ------------------------------------------------------------------------------ engines
 
 
-def _maybe_build_engines(bundle: Bundle, precisions, graphs, options: ExportOptions, images, log: Log):
+def _maybe_build_engines(work: _Work) -> tuple[str | None, list[dict]]:
+    """(why no engine was built, or None; the verified engines with their plans and sidecars)."""
     from . import tensorrt_build as trtb
 
+    bundle, options, log = work.bundle, work.options, work.log
     if options.engine is False:
         return "engine build skipped (--no-engine)", []
     available, why = trtb.tensorrt_status()
     if not available:
         note = (f"{why}: wrote the ONNX graphs only. TensorRT engines are specific to one GPU and "
                 "TensorRT version, so build them on the target device: copy the bundle there and run "
-                f"`edgestad export {bundle.path} --precision {' --precision '.join(precisions)}` "
+                f"`edgestad export {bundle.path} --precision {' --precision '.join(work.precisions)}` "
                 "(on a Jetson, JetPack provides TensorRT; the graphs above are reused, torch is not needed).")
         log(note)
         return note, []
     gpu = trtb.gpu_info()
     cache = options.timing_cache or trtb.default_timing_cache(gpu)
     height, width = bundle.input_size
+    images, boxes = work.parity_images, work.parity_boxes
     if images is None:
         # No data folder on the device: verify engine against ONNX Runtime on fixed synthetic images.
         rng = np.random.default_rng(0)
@@ -499,14 +562,15 @@ def _maybe_build_engines(bundle: Bundle, precisions, graphs, options: ExportOpti
     else:
         source = "good training images"
     built = []
-    for precision in precisions:
-        onnx_bytes = graphs[precision]
+    for precision in work.precisions:
+        onnx_bytes = work.graphs[precision]
         name = trtb.engine_file_name(precision, gpu["gpu_name"], gpu["compute_capability"],
                                      gpu["tensorrt_version"])
         engine = trtb.build_engine(onnx_bytes, precision, (3, height, width), batch=options.batch,
                                    max_batch=options.max_batch, workspace_mb=options.workspace_mb,
                                    timing_cache=cache, log=log)
-        check = trtb.verify_engine(engine.plan, onnx_bytes, precision, images, options.threads)
+        check = trtb.verify_engine(engine.plan, onnx_bytes, precision, images, options.threads,
+                                   boxes, name)
         check["images_source"] = source
         if not check["passed"]:
             raise trtb.EngineBuildError(

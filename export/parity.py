@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edgestad.onnx_session import ort_session, run_session  # noqa: F401 (re-exported)
+from edgestad.runner import OrtRunner
 
 FP32_PARITY_TARGET = 1e-4
 INT8_AU_PRO_TARGET = 0.01
@@ -64,26 +64,6 @@ def compare(maps: np.ndarray, scores: np.ndarray, ref_maps: np.ndarray, ref_scor
     }
 
 
-# ------------------------------------------------------------------------------ runners
-
-
-def _batches(images: np.ndarray, batch_size: int):
-    for start in range(0, len(images), batch_size):
-        yield images[start:start + batch_size]
-
-
-def run_torch(model, images: np.ndarray, batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    import torch
-
-    maps, scores = [], []
-    with torch.no_grad():
-        for batch in _batches(images, batch_size):
-            out_map, out_score = model(torch.from_numpy(np.ascontiguousarray(batch)))
-            maps.append(out_map[:, 0].float().numpy())
-            scores.append(out_score.float().numpy())
-    return np.concatenate(maps), np.concatenate(scores)
-
-
 def _check_finite(what: str, maps: np.ndarray, scores: np.ndarray) -> None:
     if not (np.isfinite(maps).all() and np.isfinite(scores).all()):
         raise ParityError(f"{what} produced non-finite values (NaN/inf) on the parity images")
@@ -104,19 +84,20 @@ def graph_parity(graphs: dict[str, bytes], images: np.ndarray, torch_model=None,
                               "fp32_target": FP32_PARITY_TARGET, "graphs": {}}
     reference = None
     if torch_model is not None:
+        from edgestad.torch_loop import run_model
         t0 = time.perf_counter()
-        reference = run_torch(torch_model, images, batch_size)
+        reference = run_model(torch_model, images, batch_size=batch_size)
         result["torch_seconds"] = round(time.perf_counter() - t0, 3)
     outputs = {}
     for precision in ("fp32", "fp16", "int8"):
         if precision not in graphs:
             continue
-        session = ort_session(graphs[precision], threads)
-        t0 = time.perf_counter()
-        maps, scores = run_session(session, images, batch_size)
-        seconds = time.perf_counter() - t0
-        _check_finite(f"the {precision} graph", maps, scores)
-        single_map, _ = run_session(session, images[:1], 1)
+        with OrtRunner(graphs[precision], threads=threads, batch_size=batch_size) as runner:
+            t0 = time.perf_counter()
+            maps, scores = runner.infer(images)
+            seconds = time.perf_counter() - t0
+            _check_finite(f"the {precision} graph", maps, scores)
+            single_map, _ = runner.infer(images[:1])
         entry: dict[str, Any] = {
             "seconds": round(seconds, 3),
             "batch_consistency_rel_diff": max_relative_difference(single_map, maps[:1]),
@@ -167,7 +148,7 @@ def accuracy_cost(graphs: dict[str, bytes], test_images: np.ndarray, masks: np.n
     ``boxes``: valid boxes of letterboxed test images (maps are cropped to them for metrics).
     ``thresholds``: the bundle's; each graph's OK/REVIEW/NG decisions are compared with the fp32
     graph's (``same_decision``: the share of test images decided alike)."""
-    from edgestad.evaluate import to_eval_grid
+    from edgestad.data import to_eval_grid
     result: dict[str, Any] = {"test_images": int(len(test_images)), "anomalous": int(labels.sum()),
                               "au_pro_integration_limit": 0.3, "baseline": "fp32 graph",
                               "int8_au_pro_target": INT8_AU_PRO_TARGET, "graphs": {}}
@@ -183,8 +164,8 @@ def accuracy_cost(graphs: dict[str, bytes], test_images: np.ndarray, masks: np.n
         if precision not in graphs:
             continue
         t0 = time.perf_counter()
-        maps, scores = run_session(ort_session(graphs[precision], threads), test_images, batch_size,
-                                   boxes)
+        with OrtRunner(graphs[precision], threads=threads, batch_size=batch_size) as runner:
+            maps, scores = runner.infer(test_images, boxes)
         _check_finite(f"the {precision} graph (test set)", maps, scores)
         maps = to_eval_grid(maps, boxes)
         metrics = accuracy_metrics(maps, scores, masks, labels)

@@ -10,9 +10,13 @@ type the ONNX graph gives it, so the fp16/int8 decisions made in export/precisio
 what runs. TensorRT 8.6 (JetPack 6.0) has no strongly typed mode; there the graph's precision is
 approximated with the FP16/INT8 builder flags and the sidecar says so.
 
+The optimisation profile covers every graph input (``images``, and ``valid_box`` of a letterbox
+graph, with the same batch range); a fresh engine is run by edgestad.runner's ``TrtRunner`` (which
+feeds ``valid_box``) and compared with ONNX Runtime before it is written.
+
 tensorrt and pycuda are imported lazily: this module imports (and its naming/sidecar helpers
 work) on machines without them. NOTE: the build/run code follows the documented TensorRT 10/11
-Python API but has not been executed on the development machine, which has no GPU.
+Python API; without a GPU it runs only against tests/trt_stub.py, a stand-in for that API.
 """
 from __future__ import annotations
 
@@ -26,7 +30,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .graph import INPUT_NAME, MAP_NAME, SCORE_NAME, PRECISIONS
+from edgestad.runner import OrtRunner, RunnerError, TrtRunner, gpu_info  # noqa: F401 (gpu_info re-exported)
+
+from .graph import INPUT_NAME, PRECISIONS, VALID_BOX_NAME
 
 ENGINE_SUFFIX = ".engine"
 # Largest max|engine - onnxruntime| / max|onnxruntime| accepted when verifying a fresh engine.
@@ -60,18 +66,6 @@ def tensorrt_status() -> tuple[bool, str]:
     if count < 1:
         return False, "no CUDA GPU found"
     return True, f"TensorRT {trt.__version__}, {count} CUDA device(s)"
-
-
-def gpu_info(device: int = 0) -> dict[str, str]:
-    """{gpu_name, compute_capability "8.7", tensorrt_version} of this machine (needs pycuda + tensorrt)."""
-    import pycuda.driver as cuda
-    import tensorrt as trt
-
-    cuda.init()
-    dev = cuda.Device(device)
-    major, minor = dev.compute_capability()
-    return {"gpu_name": dev.name(), "compute_capability": f"{major}.{minor}",
-            "tensorrt_version": trt.__version__}
 
 
 # ------------------------------------------------------------------------------ naming
@@ -147,6 +141,21 @@ def _logger():
     return trt.Logger(trt.Logger.WARNING)
 
 
+def _batch_profile(builder, network, input_shape, batch: int, max_batch: int):
+    """One optimisation profile giving every graph input (``images``, and ``valid_box`` of a
+    letterbox graph) the same batch range 1 .. ``max_batch``, tuned for ``batch``."""
+    per_image = {INPUT_NAME: tuple(int(v) for v in input_shape), VALID_BOX_NAME: (4,)}
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        name = network.get_input(i).name
+        if name not in per_image:
+            raise EngineBuildError(f"graph input {name!r} is not in the edgestad graph contract "
+                                   f"(expected {INPUT_NAME!r}, and {VALID_BOX_NAME!r} for letterbox)")
+        shape = per_image[name]
+        profile.set_shape(name, (1, *shape), (batch, *shape), (max_batch, *shape))
+    return profile
+
+
 def build_engine(onnx_bytes: bytes, precision: str, input_shape: tuple[int, int, int], *,
                  batch: int = 1, max_batch: int = 8, workspace_mb: int = 1024,
                  timing_cache: str | os.PathLike | None = None,
@@ -182,11 +191,7 @@ def build_engine(onnx_bytes: bytes, precision: str, input_shape: tuple[int, int,
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)  # explicit Q/DQ graph: no calibrator needed
 
-    _, height, width = (int(v) for v in input_shape)
-    profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT_NAME, (1, 3, height, width), (batch, 3, height, width),
-                      (max_batch, 3, height, width))
-    config.add_optimization_profile(profile)
+    config.add_optimization_profile(_batch_profile(builder, network, input_shape, batch, max_batch))
 
     cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = b""
@@ -205,69 +210,32 @@ def build_engine(onnx_bytes: bytes, precision: str, input_shape: tuple[int, int,
         raise EngineBuildError(f"TensorRT failed to build the {precision} engine (see the TensorRT log above)")
     plan = bytes(memoryview(serialized))
     if cache_path is not None:
-        from edgestad.bundle import atomic_write_bytes
+        from edgestad.files import atomic_write_bytes
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     return BuiltEngine(plan, strongly_typed, cache_path)
 
 
-# ------------------------------------------------------------------------------ run / verify
-
-
-def run_engine(plan: bytes, images: np.ndarray, device: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Run a serialized engine on uint8 N x 3 x H x W images (in profile-sized batches) with
-    pycuda; returns (maps float32 N x H x W, scores float32 N)."""
-    import pycuda.driver as cuda
-    import tensorrt as trt
-
-    cuda.init()
-    context_gpu = cuda.Device(device).retain_primary_context()
-    context_gpu.push()
-    try:
-        runtime = trt.Runtime(_logger())
-        engine = runtime.deserialize_cuda_engine(plan)
-        if engine is None:
-            raise EngineBuildError("TensorRT could not deserialize the engine it just built")
-        context = engine.create_execution_context()
-        max_batch = int(engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
-        stream = cuda.Stream()
-        maps, scores = [], []
-        for start in range(0, len(images), max_batch):
-            batch = np.ascontiguousarray(images[start:start + max_batch], dtype=np.uint8)
-            context.set_input_shape(INPUT_NAME, batch.shape)
-            buffers = {}
-            hosts = {}
-            for name in (INPUT_NAME, MAP_NAME, SCORE_NAME):
-                shape = tuple(context.get_tensor_shape(name))
-                dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
-                host = batch if name == INPUT_NAME else np.empty(shape, dtype=dtype)
-                device_mem = cuda.mem_alloc(max(host.nbytes, 1))
-                buffers[name] = device_mem
-                hosts[name] = host
-                context.set_tensor_address(name, int(device_mem))
-            cuda.memcpy_htod_async(buffers[INPUT_NAME], hosts[INPUT_NAME], stream)
-            if not context.execute_async_v3(stream.handle):
-                raise EngineBuildError("execute_async_v3 failed")
-            for name in (MAP_NAME, SCORE_NAME):
-                cuda.memcpy_dtoh_async(hosts[name], buffers[name], stream)
-            stream.synchronize()
-            maps.append(hosts[MAP_NAME].reshape(len(batch), *hosts[MAP_NAME].shape[-2:]).astype(np.float32))
-            scores.append(hosts[SCORE_NAME].reshape(len(batch)).astype(np.float32))
-            for mem in buffers.values():
-                mem.free()
-        return np.concatenate(maps), np.concatenate(scores)
-    finally:
-        context_gpu.pop()
+# ------------------------------------------------------------------------------ verify
 
 
 def verify_engine(plan: bytes, onnx_bytes: bytes, precision: str, images: np.ndarray,
-                  threads: int | None = None) -> dict:
-    """Run the engine and ONNX Runtime (CPU) on the same images and compare the maps."""
-    from .parity import compare, ort_session, run_session
+                  threads: int | None = None, boxes: np.ndarray | None = None,
+                  name: str = "the engine") -> dict:
+    """Run the engine (TrtRunner) and ONNX Runtime (CPU) on the same images (and valid boxes of a
+    letterbox graph; the full frame when None) and compare the maps."""
+    from .parity import compare
 
-    engine_maps, engine_scores = run_engine(plan, images)
-    ref_maps, ref_scores = run_session(ort_session(onnx_bytes, threads), images)
+    try:
+        with TrtRunner(plan, label=name) as engine:
+            engine_maps, engine_scores = engine.infer(images, boxes)
+    except RunnerError as exc:
+        raise EngineBuildError(str(exc)) from None
+    with OrtRunner(onnx_bytes, threads=threads) as reference:
+        ref_maps, ref_scores = reference.infer(images, boxes)
     result: dict[str, Any] = {"images": int(len(images)), "reference": "onnxruntime CPUExecutionProvider",
+                              "valid_box": None if not engine.takes_valid_box else (
+                                  "full frame" if boxes is None else "the images' letterbox boxes"),
                               **compare(engine_maps, engine_scores, ref_maps, ref_scores)}
     result["tolerance"] = VERIFY_TOLERANCE[precision]
     result["finite"] = bool(np.isfinite(engine_maps).all() and np.isfinite(engine_scores).all())

@@ -1,15 +1,18 @@
-"""Inference backends behind one small interface.
+"""Inference backends behind one small interface, for the runtime.
 
 Every backend runs the bundle's exported graph, whose I/O contract is fixed:
 input ``images`` uint8 N x 3 x H x W (RGB) (+ ``valid_box`` float32 N x 4 for letterbox bundles),
 outputs ``anomaly_map`` float32 N x 1 x H x W and ``image_score`` float32 N (edgestad.contract).
 ``Backend.infer(batch, boxes=None) -> (maps N x H x W, scores N)``.
 
+The inference itself is edgestad.runner's (the one runner export, evaluate and bench use too);
+this module adds what the runtime needs around it:
+
 - ``OnnxRuntimeBackend``: ONNX Runtime with the TensorRT EP, CUDA EP, CPU EP, in that order,
-  whichever this onnxruntime build offers.
-- ``TensorRTBackend``: a serialized TensorRT engine through tensorrt + pycuda (page-locked host
-  buffers, one CUDA stream, the tensor-name API ``set_tensor_address`` / ``execute_async_v3`` that
-  TensorRT 10 and 11 share). Both packages are imported lazily: they exist only on GPU machines.
+  whichever this onnxruntime build offers (TensorRT EP engine cache, thread count).
+- ``TensorRTBackend``: a serialized TensorRT engine (``TrtRunner``: tensorrt + pycuda, imported
+  lazily: they exist only on GPU machines), refused before loading when its sidecar says it was
+  built for another GPU or TensorRT version.
 
 ``select_backend`` picks one for a bundle (``auto``: a TensorRT engine built for this very GPU and
 TensorRT version if there is one, else ONNX Runtime) and says why.
@@ -17,7 +20,6 @@ TensorRT version if there is one, else ONNX Runtime) and says why.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -34,6 +36,9 @@ log = logging.getLogger("edgestad.runtime.backends")
 
 from edgestad.contract import (INPUT_NAME, MAP_NAME, ONNX_FILES, PRECISIONS,  # noqa: F401
                                SCORE_NAME, VALID_BOX_NAME)
+from edgestad.files import sha256_file as file_sha256
+from edgestad.runner import (RUN_BACKENDS, OrtRunner, RunnerError, TrtRunner, canonical_backend,
+                             gpu_info, import_tensorrt)
 ORT_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 # Conventional file names when a manifest has no ``exports`` section (export writes these).
@@ -53,21 +58,26 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+class _RunnerBackend:
+    """A runner's inference with the runtime's error type."""
+
+    runner: Any
+
+    def infer(self, batch: np.ndarray, boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return self.runner.infer(batch, boxes)
+        except RunnerError as exc:
+            raise BackendError(str(exc)) from None
+
+    def close(self) -> None:
+        self.runner.close()
 
 
-def _check_batch(batch: np.ndarray, shape: tuple[int, int, int], who: str) -> np.ndarray:
-    if batch.dtype != np.uint8 or batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(shape):
-        raise BackendError(
-            f"{who}: input must be uint8 (N, {shape[0]}, {shape[1]}, {shape[2]}), "
-            f"got {batch.dtype} {tuple(batch.shape)}"
-        )
-    return np.ascontiguousarray(batch)
+def _activated(runner):
+    try:
+        return runner.activate()
+    except RunnerError as exc:
+        raise BackendError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
@@ -86,7 +96,7 @@ def ort_providers_in_order(available: Sequence[str] | None = None) -> list[str]:
     return chosen or ["CPUExecutionProvider"]
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(_RunnerBackend):
     def __init__(
         self,
         onnx_path: str | os.PathLike,
@@ -97,8 +107,6 @@ class OnnxRuntimeBackend:
         trt_cache_dir: str | os.PathLike | None = None,
         sha256: str | None = None,
     ):
-        import onnxruntime as ort
-
         self.model_file = Path(onnx_path)
         if not self.model_file.is_file():
             raise BackendError(f"ONNX graph not found: {self.model_file}")
@@ -121,54 +129,18 @@ class OnnxRuntimeBackend:
                 provider_args.append((p, opts))
             else:
                 provider_args.append(p)
-        so = ort.SessionOptions()
         if not intra_op_threads and providers[0] == "CPUExecutionProvider":
             # Leave one core to the capture thread (decode + resize): measured on 2 cores, ORT's
             # default of all cores made the whole pipeline 20 % slower than bare inference,
             # cores - 1 brought it under 10 % (benchmarks/runtime_overhead.py).
             intra_op_threads = max(1, (os.cpu_count() or 1) - 1)
-        if intra_op_threads:
-            so.intra_op_num_threads = int(intra_op_threads)
         self.intra_op_threads = intra_op_threads
-        try:
-            self.session = ort.InferenceSession(str(self.model_file), sess_options=so, providers=provider_args)
-        except Exception as exc:  # onnxruntime raises its own exception zoo
-            raise BackendError(f"ONNX Runtime cannot load {self.model_file}: {exc}") from None
-        self.providers = self.session.get_providers()
-        self.name = f"onnxruntime:{self.providers[0]}"
-        self.input_shape = self._check_io()
+        self.runner = _activated(OrtRunner(self.model_file, threads=intra_op_threads,
+                                           providers=provider_args, quiet=False))
+        self.providers = self.runner.providers
+        self.name = self.runner.name
+        self.input_shape = self.runner.input_shape
         self.model_sha256 = sha256 or file_sha256(self.model_file)
-
-    def _check_io(self) -> tuple[int, int, int]:
-        inputs = self.session.get_inputs()
-        outputs = {o.name: o for o in self.session.get_outputs()}
-        problems = []
-        names = [i.name for i in inputs]
-        if names not in ([INPUT_NAME], [INPUT_NAME, VALID_BOX_NAME]):
-            problems.append(f"inputs {names} (expected {INPUT_NAME!r}, and {VALID_BOX_NAME!r} "
-                            "for letterbox bundles)")
-        elif inputs[0].type != "tensor(uint8)":
-            problems.append(f"input {INPUT_NAME!r} is {inputs[0].type} (expected tensor(uint8))")
-        for name in (MAP_NAME, SCORE_NAME):
-            if name not in outputs:
-                problems.append(f"no output {name!r} (outputs: {sorted(outputs)})")
-            elif outputs[name].type != "tensor(float)":
-                problems.append(f"output {name!r} is {outputs[name].type} (expected tensor(float))")
-        shape = inputs[0].shape if inputs else []
-        if not problems and (len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:])):
-            problems.append(f"input shape {shape} (expected N x 3 x H x W with fixed C, H, W)")
-        if problems:
-            raise BackendError(f"{self.model_file} does not follow the edgestad graph contract: " + "; ".join(problems))
-        return (int(shape[1]), int(shape[2]), int(shape[3]))
-
-    def infer(self, batch: np.ndarray, boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        from edgestad.onnx_session import feeds
-        batch = _check_batch(batch, self.input_shape, self.name)
-        maps, scores = self.session.run([MAP_NAME, SCORE_NAME], feeds(self.session, batch, boxes))
-        return maps.reshape(batch.shape[0], *maps.shape[-2:]), scores.reshape(batch.shape[0])
-
-    def close(self) -> None:
-        self.session = None
 
 
 # --------------------------------------------------------------------------- TensorRT
@@ -271,34 +243,22 @@ def tensorrt_importable() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("tensorrt", "pycuda"))
 
 
-class TensorRTBackend:
-    """A serialized TensorRT engine run with pycuda: pinned host buffers, one stream.
+class TensorRTBackend(_RunnerBackend):
+    """A bundle's TensorRT engine, checked against its sidecar before it is loaded.
 
-    Not exercised on the development machine (TensorRT cannot be installed there); the code
-    follows the TensorRT 10 Python API, which TensorRT 11 keeps (the removed calls, e.g.
-    ``execute_async_v2`` and binding indices, are not used).
+    Not exercised on real hardware on the development machine (TensorRT cannot be installed
+    there); tests/trt_stub.py stands in for tensorrt + pycuda.
     """
 
     def __init__(self, engine: EngineEntry, sha256: str | None = None, device: int = 0):
         try:
-            import pycuda.driver as cuda
-            import tensorrt as trt
-        except ImportError as exc:
-            raise BackendError(
-                f"the TensorRT backend needs the tensorrt and pycuda packages ({exc}); "
-                "install JetPack's python3-libnvinfer / pip tensorrt and pycuda, or use --backend onnxruntime"
-            ) from None
-        self._cuda, self._trt = cuda, trt
+            import_tensorrt()
+        except RunnerError as exc:
+            raise BackendError(f"{exc}, or use --backend onnxruntime") from None
         self.model_file = engine.path
         if not engine.path.is_file():
             raise BackendError(f"TensorRT engine not found: {engine.path}")
-        cuda.init()
-        dev = cuda.Device(device)
-        running = {
-            "gpu_name": dev.name(),
-            "compute_capability": ".".join(str(x) for x in dev.compute_capability()),
-            "tensorrt_version": trt.__version__,
-        }
+        running = gpu_info(device)
         problems = engine_compat_problems(engine.sidecar, running)
         if problems:
             raise BackendError(f"{engine.path.name} cannot run here: " + "; ".join(problems))
@@ -310,111 +270,16 @@ class TensorRTBackend:
         self.precision = engine.precision or "unknown"
         self.name = "tensorrt"
         self.running = running
-        # The primary context is the one the CUDA runtime (and so TensorRT) uses; pushing it around
-        # each call makes the backend usable from whichever thread runs inference.
-        self._ctx = dev.retain_primary_context()
-        self._ctx.push()
-        try:
-            self._setup(engine.path.read_bytes())
-        finally:
-            self._ctx.pop()
+        self.runner = _activated(TrtRunner(engine.path, device=device))
+        self.input_shape = self.runner.input_shape
+        self.max_batch = self.runner.max_batch
+        self.takes_valid_box = self.runner.takes_valid_box
         self.model_sha256 = sha256 or file_sha256(self.model_file)
 
-    def _setup(self, blob: bytes) -> None:
-        cuda, trt = self._cuda, self._trt
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(blob)
-        if self.engine is None:
-            raise BackendError(
-                f"TensorRT {trt.__version__} could not deserialize {self.model_file.name} "
-                "(built by another TensorRT version or for another GPU, or the file is damaged)"
-            )
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        missing = {INPUT_NAME, MAP_NAME, SCORE_NAME} - set(names)
-        if missing:
-            raise BackendError(f"{self.model_file.name}: engine lacks tensors {sorted(missing)} (has {names})")
-        in_shape = tuple(self.engine.get_tensor_shape(INPUT_NAME))
-        if len(in_shape) != 4 or any(d < 0 for d in in_shape[1:]):
-            raise BackendError(f"{self.model_file.name}: input shape {in_shape} is not N x 3 x H x W")
-        self.input_shape = tuple(int(d) for d in in_shape[1:])
-        if in_shape[0] < 0:  # dynamic batch: the profile's max is the largest batch served
-            self.max_batch = int(self.engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
-        else:
-            self.max_batch = int(in_shape[0])
-        self.stream = cuda.Stream()
-        self.host: dict[str, np.ndarray] = {}
-        self.device: dict[str, Any] = {}
-        self._dynamic = in_shape[0] < 0
-        self.takes_valid_box = VALID_BOX_NAME in names
-        if self._dynamic:
-            self.context.set_input_shape(INPUT_NAME, (self.max_batch, *self.input_shape))
-            if self.takes_valid_box:
-                self.context.set_input_shape(VALID_BOX_NAME, (self.max_batch, 4))
-        for name in names:
-            dtype = trt.nptype(self.engine.get_tensor_dtype(name))
-            shape = tuple(self.context.get_tensor_shape(name))
-            size = int(np.prod(shape))
-            self.host[name] = cuda.pagelocked_empty(size, dtype)
-            self.device[name] = cuda.mem_alloc(self.host[name].nbytes)
-            self.context.set_tensor_address(name, int(self.device[name]))
-        if self.host[INPUT_NAME].dtype != np.uint8:
-            raise BackendError(f"{self.model_file.name}: input tensor is {self.host[INPUT_NAME].dtype}, expected uint8")
-        self._batch = self.max_batch
-
     def infer(self, batch: np.ndarray, boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        cuda = self._cuda
-        batch = _check_batch(batch, self.input_shape, self.name)
-        n = batch.shape[0]
-        if n > self.max_batch:
-            raise BackendError(f"batch {n} exceeds the engine's maximum batch {self.max_batch}")
-        self._ctx.push()
-        try:
-            if self._dynamic and n != self._batch:
-                self.context.set_input_shape(INPUT_NAME, (n, *self.input_shape))
-                if self.takes_valid_box:
-                    self.context.set_input_shape(VALID_BOX_NAME, (n, 4))
-                self._batch = n
-            elif not self._dynamic and n != self.max_batch:
-                raise BackendError(f"engine has fixed batch {self.max_batch}, got {n}")
-            h, w = self.input_shape[1:]
-            # Only the first n items travel: the buffers are sized for the profile's max batch.
-            flat_in = self.host[INPUT_NAME][: batch.size]
-            np.copyto(flat_in, batch.reshape(-1))
-            cuda.memcpy_htod_async(self.device[INPUT_NAME], flat_in, self.stream)
-            if self.takes_valid_box:
-                if boxes is None:
-                    boxes = np.tile(np.array([0, 0, h, w], np.float32), (n, 1))
-                flat_box = self.host[VALID_BOX_NAME][: n * 4]
-                np.copyto(flat_box, np.asarray(boxes, np.float32).reshape(-1))
-                cuda.memcpy_htod_async(self.device[VALID_BOX_NAME], flat_box, self.stream)
-            if not self.context.execute_async_v3(self.stream.handle):
-                raise BackendError("TensorRT execute_async_v3 failed (see TensorRT log above)")
-            cuda.memcpy_dtoh_async(self.host[MAP_NAME][: n * h * w], self.device[MAP_NAME], self.stream)
-            cuda.memcpy_dtoh_async(self.host[SCORE_NAME][:n], self.device[SCORE_NAME], self.stream)
-            self.stream.synchronize()
-        finally:
-            self._ctx.pop()
-        # Copies: the pinned buffers are overwritten by the next frame while sinks still hold these.
-        maps = self.host[MAP_NAME][: n * h * w].reshape(n, h, w).astype(np.float32, copy=True)
-        scores = self.host[SCORE_NAME][:n].astype(np.float32, copy=True)
-        return maps, scores
-
-    def close(self) -> None:
-        if getattr(self, "_ctx", None) is None:
-            return
-        self._ctx.push()
-        try:
-            for mem in self.device.values():
-                mem.free()
-            self.device.clear()
-            self.context = None
-            self.engine = None
-        finally:
-            self._ctx.pop()
-            self._ctx.detach()
-            self._ctx = None
+        if len(batch) > self.max_batch:  # the runtime serves one call per batch: no splitting
+            raise BackendError(f"batch {len(batch)} exceeds the engine's maximum batch {self.max_batch}")
+        return super().infer(batch, boxes)
 
 
 # --------------------------------------------------------------------------- selection
@@ -481,8 +346,10 @@ def select_backend(
 ) -> Backend:
     """The backend for ``bundle_dir``: ``auto``, ``tensorrt`` or ``onnxruntime``."""
     bundle_dir = Path(bundle_dir)
-    if name not in ("auto", "tensorrt", "onnxruntime"):
-        raise BackendError(f"unknown backend {name!r}; choose auto, tensorrt or onnxruntime")
+    try:
+        name = canonical_backend(name, RUN_BACKENDS)
+    except ValueError as exc:
+        raise BackendError(str(exc)) from None
     reasons = []
     if name in ("auto", "tensorrt"):
         engines = list_engines(bundle_dir, manifest)

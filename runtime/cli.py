@@ -16,6 +16,8 @@ from typing import Any
 
 import click
 
+from edgestad.runner import RUN_BACKENDS, backend_spellings
+
 from .errors import EXIT_OK, EXIT_OUTPUT, ConfigError, RuntimeFailure
 
 log = logging.getLogger("edgestad.runtime")
@@ -37,7 +39,7 @@ def _opt(*decls: str, **kw: Any):
 @_opt("--gstreamer", metavar="PIPELINE", help="GStreamer pipeline ending in appsink (needs an OpenCV with GStreamer).")
 @_opt("--frame-size", metavar="WxH", help="Request this size from the camera and reject frames of any other size.")
 @_opt("--camera-fps", type=float, help="Request this frame rate from the camera.")
-@_opt("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), help="Inference backend [auto].")
+@_opt("--backend", type=click.Choice(backend_spellings(RUN_BACKENDS)), help="Inference backend [auto].")
 @_opt("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="Graph/engine precision [fp16 on GPU, fp32 on CPU].")
 @_opt("--threads", type=int, help="ONNX Runtime intra-op threads.")
 @_opt("--trt-cache", metavar="DIR", help="Engine cache folder for ONNX Runtime's TensorRT EP.")

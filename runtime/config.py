@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from edgestad.runner import RUN_BACKENDS, backend_spellings
+
 from .errors import ConfigError
 
 SOURCE_KEYS = ("camera", "video", "folder", "url", "gstreamer")
@@ -237,7 +239,7 @@ def build_config(config_file: str | os.PathLike | None, cli_values: Mapping[str,
 
 
 def _validate(cfg: RunConfig, origin: str, source_origin: str | None = None) -> None:
-    if cfg.backend not in ("auto", "onnxruntime", "tensorrt"):
+    if cfg.backend not in backend_spellings(RUN_BACKENDS):
         raise ConfigError(f"{origin}: backend must be auto, onnxruntime or tensorrt, got {cfg.backend!r}")
     if cfg.precision not in (None, "fp32", "fp16", "int8"):
         raise ConfigError(f"{origin}: precision must be fp32, fp16 or int8, got {cfg.precision!r}")

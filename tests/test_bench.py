@@ -6,12 +6,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgestad.bench.cli import (SCHEMA, bench_command, count_gflops, export_onnx, onnx_conv_gflops,
-                            random_uninformed_students, time_calls)
+from edgestad.bench.cli import bench_command
+from edgestad.bench.flops import count_gflops, onnx_conv_gflops
+from edgestad.bench.graphs import export_onnx
+from edgestad.bench.report import SCHEMA
+from edgestad.bench.subjects import random_uninformed_students
+from edgestad.bench.timing import time_calls
 from edgestad.bench.efficientad import EfficientADS
 from edgestad.methods.uninformed_students.fused import fuse_model
 
-TINY = ["-p", "17", "-p", "33", "--width", "4", "--descriptor-dim", "4", "--students", "2",
+TINY = ["-p", "17", "-p", "33", "--width", "4", "--descriptor-dim", "4", "--students", "2", "--dense-stride", "2",
         "--input-size", "40x36"]
 
 
@@ -54,7 +58,7 @@ def test_bench_json_report(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(bench_command, [
         *TINY, "--fused", "both", "--batch", "1", "--batch", "2",
-        "--backends", "torch,ort-fp32,torch-cuda,tensorrt", "--warmup", "1", "--iterations", "2",
+        "--backends", "torch,ort-fp32,torch-cuda,tensorrt", "--warmup", "0", "--iterations", "2",
         "--threads", "2", "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -116,20 +120,20 @@ def test_efficientad_s_shapes_and_onnx_export(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = EfficientADS((256, 256)).eval()
-    images = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8)
+    images = torch.randint(0, 256, (1, 3, 256, 256), dtype=torch.uint8)
     with torch.no_grad():
         teacher = model.teacher(images.float())
         student = model.student(images.float())
         anomaly_map, score = model(images)
-    assert teacher.shape == (2, 384, 56, 56) and student.shape == (2, 768, 56, 56)
-    assert anomaly_map.shape == (2, 1, 256, 256) and score.shape == (2,)
+    assert teacher.shape == (1, 384, 56, 56) and student.shape == (1, 768, 56, 56)
+    assert anomaly_map.shape == (1, 1, 256, 256) and score.shape == (1,)
     assert torch.equal(score, anomaly_map.amax(dim=(1, 2, 3)))
     # Published cost of EfficientAD-S at 256²: ~ 76 GFLOP (2·MAC) for teacher+student+AE.
     assert count_gflops(model, (256, 256)) == pytest.approx(75.89, abs=0.05)
     graph, _ = export_onnx(model, tmp_path / "efficientad_s.onnx", (256, 256))
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     onnx_map, onnx_score = session.run(None, {"images": images.numpy()})
-    assert onnx_map.shape == (2, 1, 256, 256)
+    assert onnx_map.shape == (1, 1, 256, 256)
     np.testing.assert_allclose(onnx_score, score.numpy(), rtol=1e-4, atol=1e-6)
 
 

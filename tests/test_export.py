@@ -24,21 +24,23 @@ from edgestad.export import graph as G  # noqa: E402
 from edgestad.export.precision import fp16_split  # noqa: E402
 from edgestad.export.trt_compat import (TrtCompatError, assert_tensorrt_compatible,  # noqa: E402
                                         check_tensorrt_compatible)
+from edgestad.export import tensorrt_build as trtb  # noqa: E402
 from edgestad.methods import build_model, load_model  # noqa: E402
+from trt_stub import fake_gpu  # noqa: E402,F401 (fixture)
 
 SIZE = 64
 FAST = ["--calibration-images", "4", "--parity-images", "2", "--threads", "2"]
 
 
-def _tiny_manifest(data: Path, **config) -> dict:
+def _tiny_manifest(data: Path, resize: str = "area_or_linear", **config) -> dict:
     method_config = dict(patch_sizes=[17, 33], num_students=2, descriptor_dim=8, width=4,
-                         input_size=[SIZE, SIZE], dense_stride=2)
+                         input_size=[SIZE, SIZE], dense_stride=2, resize=resize)
     method_config.update(config)
     return {
         "method": "uninformed_students",
         "method_config": method_config,
         "input": {"height": SIZE, "width": SIZE, "channels": 3, "color": "RGB", "layout": "NCHW",
-                  "dtype": "uint8", "resize": "area_or_linear",
+                  "dtype": "uint8", "resize": resize,
                   "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
         "thresholds": {"pixel": 1.5, "image": 2.5, "rule": {"pixel_fpr": 0.001}},
         "image_score": "max",
@@ -222,6 +224,9 @@ def test_card_form_reuses_current_graphs_and_drops_stale_engines(exported, tmp_p
     assert result.exit_code == 0, result.output
     assert "reusing model.fp16.onnx" in result.output
     assert _listing(work)["model.fp16.onnx"] == before["model.fp16.onnx"]
+    # the exports section is rewritten whole: graphs not asked for this time stay listed
+    exports = load_bundle(work).manifest["exports"]
+    assert exports["onnx"] == G.ONNX_FILES and set(exports["precision_rules"]) == set(G.ONNX_FILES)
     # A different calibration makes a new int8 graph: the engine built from the old one goes.
     result = runner.invoke(main, ["export", str(work), "-p", "int8", "--calibration-images", "3",
                                   "--parity-images", "2", "--no-accuracy"])
@@ -534,3 +539,116 @@ def test_accuracy_cost_warns_when_a_precision_decides_differently():
     assert int8 < SAME_DECISION_TARGET
     warnings = [line for line in logged if "WARNING" in line]
     assert len(warnings) == 1 and "int8 graph decides differently" in warnings[0]
+
+
+# ---------------------------------------------------------------------------- TensorRT, stubbed
+# Builder -> engine verification -> TrtRunner -> runtime -> bench, for a squash and a letterbox
+# bundle, against tests/trt_stub.py (tensorrt + pycuda stand-ins): what runs on a GPU, minus
+# TensorRT itself.
+
+
+@pytest.fixture(scope="module")
+def letterbox_exported(tmp_path_factory, tiny_dataset):
+    """A tiny letterbox bundle (fp32, fp16 graphs) trained on images of different aspect ratios,
+    so their valid boxes differ."""
+    from edgestad.export.exporter import ExportOptions, export_bundle
+    from methods.test_conformance import _crop_dataset
+    root = tmp_path_factory.mktemp("letterbox")
+    bundle = _write_tiny_bundle(root / "bundle", _crop_dataset(tiny_dataset, root / "data"),
+                                resize="letterbox", patch_sizes=[17])
+    export_bundle(bundle, ExportOptions(precisions=("fp32", "fp16"), parity_images=3, accuracy=False,
+                                        engine=False, threads=2), log=lambda s: None)
+    return bundle
+
+
+@pytest.fixture(scope="module", params=["area_or_linear", "letterbox"])
+def small_bundle(request):
+    """An exported bundle of each resize rule (module scope: made before the stub is installed)."""
+    if request.param == "letterbox":
+        return request.getfixturevalue("letterbox_exported")
+    return request.getfixturevalue("exported")[0]
+
+
+def _copy(bundle, tmp_path):
+    import shutil
+    return shutil.copytree(bundle, tmp_path / "bundle")
+
+
+def test_engines_built_verified_and_run_through_the_stub(fake_gpu, small_bundle, tmp_path):
+    from edgestad.bundle import load_bundle
+    from edgestad.contract import uses_valid_box
+    from edgestad.export.calibration import calibration_images
+    from edgestad.export.exporter import ExportOptions, export_bundle
+    from edgestad.runner import OrtRunner
+    from edgestad.runtime.backends import select_backend
+
+    bundle_dir = _copy(small_bundle, tmp_path)
+    letterbox = uses_valid_box(load_bundle(bundle_dir).manifest["input"])
+    result = export_bundle(bundle_dir, ExportOptions(precisions=("fp32", "fp16"), parity_images=3,
+                                                     accuracy=False, threads=2, max_batch=4,
+                                                     timing_cache=tmp_path / "timing.cache"),
+                           log=lambda s: None)
+    assert result.reused == ["fp32", "fp16"] and {e["precision"] for e in result.engines} == {"fp32", "fp16"}
+    inputs = {"images": ((1, 3, 64, 64), (1, 3, 64, 64), (4, 3, 64, 64)),
+              **({"valid_box": ((1, 4), (1, 4), (4, 4))} if letterbox else {})}
+    assert [b["profile"] for b in fake_gpu.BUILDS] == [inputs, inputs]
+    assert all(b["problems"] == [] and b["flags"] == [] for b in fake_gpu.BUILDS)  # strongly typed
+    bundle = load_bundle(bundle_dir)
+    for entry in bundle.manifest["exports"]["engines"]:
+        check = json.loads(bundle.file(entry["sidecar"]).read_text())["verification"]
+        assert check["passed"] and check["images"] == 3
+        assert check["valid_box"] == ("the images' letterbox boxes" if letterbox else None)
+    assert (tmp_path / "timing.cache").is_file()
+
+    # the runtime picks the engine and feeds the boxes; same maps as ONNX Runtime on the fp16 graph
+    images, boxes = calibration_images(bundle, 3)
+    assert (boxes is not None) == letterbox
+    if letterbox:
+        assert len({tuple(b) for b in boxes.tolist()}) > 1
+    backend = select_backend(bundle_dir, bundle.manifest, "auto")
+    assert backend.name == "tensorrt" and backend.precision == "fp16" and backend.max_batch == 4
+    maps, scores = backend.infer(images, boxes)
+    with OrtRunner(bundle.file("model.fp16.onnx")) as reference:
+        ref_maps, ref_scores = reference.infer(images, boxes)
+        if letterbox:   # the box changes what the graph computes, so feeding it is checked
+            assert not np.allclose(reference.infer(images)[0], ref_maps)
+    np.testing.assert_allclose(maps, ref_maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-6)
+    backend.close()
+    assert fake_gpu.MEMORY == {}
+
+
+def test_bench_times_the_tensorrt_backend_through_the_stub(fake_gpu, small_bundle, tmp_path):
+    from edgestad.bench.cli import bench_command
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(bench_command, [str(small_bundle), "--backends", "tensorrt", "--batch", "2",
+                                                "--iterations", "1", "--warmup", "0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())["models"][0]["results"]
+    assert row["backend"] == "tensorrt" and row["status"] == "ok", row
+    (build,) = fake_gpu.BUILDS
+    assert build["problems"] == [] and build["profile"]["images"][2] == (2, 3, 64, 64)
+    assert set(build["profile"]) == set(build["inputs"])
+    assert fake_gpu.MEMORY == {}
+
+
+def test_a_profile_without_valid_box_fails_the_letterbox_build(fake_gpu, small_bundle, monkeypatch):
+    """What the builder once did (a profile for ``images`` only) fails for a letterbox graph."""
+    from edgestad.bundle import load_bundle
+    from edgestad.contract import uses_valid_box
+    bundle = load_bundle(small_bundle)
+    graph, letterbox = bundle.file("model.onnx").read_bytes(), uses_valid_box(bundle.manifest["input"])
+    trtb.build_engine(graph, "fp32", (3, 64, 64), log=lambda s: None)
+    assert fake_gpu.BUILDS[-1]["problems"] == []
+
+    def images_only(builder, network, input_shape, batch, max_batch):
+        profile = builder.create_optimization_profile()
+        profile.set_shape("images", (1, *input_shape), (batch, *input_shape), (max_batch, *input_shape))
+        return profile
+    monkeypatch.setattr(trtb, "_batch_profile", images_only)
+    if letterbox:
+        with pytest.raises(trtb.EngineBuildError, match="failed to build the fp32 engine"):
+            trtb.build_engine(graph, "fp32", (3, 64, 64), log=lambda s: None)
+        assert fake_gpu.LOG[-1] == "optimization profile is missing values for input 'valid_box'"
+    else:
+        trtb.build_engine(graph, "fp32", (3, 64, 64), log=lambda s: None)

@@ -1,4 +1,7 @@
-"""TensorRT engine naming and sidecars (no TensorRT needed), and a real build where TensorRT exists."""
+"""TensorRT engine naming and sidecars (no TensorRT needed), the TensorRT 8.6 builder path against
+tests/trt_stub.py, and a real build where TensorRT exists. The stubbed builder -> verification ->
+TrtRunner -> runtime -> bench runs for squash and letterbox bundles are in test_export.py (they
+use its exported bundle)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgestad.export import tensorrt_build as trtb
+from trt_stub import fake_pycuda, fake_tensorrt
 
 
 def test_engine_names_carry_gpu_capability_version_and_precision():
@@ -86,6 +90,24 @@ def test_engine_build_and_verification_on_a_gpu(tmp_path, tiny_dataset):
         assert sidecar["verification"]["passed"], sidecar["verification"]
         assert sidecar["onnx_sha256"] == manifest["exports"]["onnx_sha256"][entry["precision"]]
     assert (tmp_path / "timing.cache").stat().st_size > 0
+    from edgestad.runner import TrtRunner
     images = np.random.default_rng(0).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
-    maps, scores = trtb.run_engine((bundle / engines[0]["file"]).read_bytes(), images)
+    with TrtRunner(bundle / engines[0]["file"]) as runner:
+        maps, scores = runner.infer(images)
     assert maps.shape == (3, 64, 64) and scores.shape == (3,)
+
+
+def test_tensorrt_8_6_builds_with_precision_flags(monkeypatch, tmp_path):
+    """TensorRT 8.6 (JetPack 6.0) has no strongly typed networks: the builder sets FP16/INT8."""
+    import sys
+
+    import trt_stub
+    from test_runtime_toy import toy_graph
+    pkg, drv = fake_pycuda()
+    monkeypatch.setitem(sys.modules, "pycuda", pkg)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("8.6.2"))
+    trt_stub.BUILDS.clear()
+    built = trtb.build_engine(toy_graph(16, 16), "int8", (3, 16, 16), log=lambda s: None)
+    assert not built.strongly_typed
+    assert trt_stub.BUILDS[-1]["flags"] == ["FP16", "INT8"] and trt_stub.BUILDS[-1]["problems"] == []

@@ -1,18 +1,14 @@
-"""The TensorRT backend's control flow, against a stand-in for tensorrt + pycuda.
+"""The runtime's TensorRT backend against tests/trt_stub.py, a stand-in for tensorrt + pycuda.
 
-TensorRT cannot be installed on the development/CI machines, so this is the one place with a
-substitute: a minimal model of the TensorRT 10 tensor-name API and of pycuda's driver calls that
-the backend uses, with "device memory" in numpy and an "engine" computing the toy graph. It checks
-what can go wrong in our code (buffer sizes, copies, tensor addresses, batch handling, engine
-selection and refusal), not TensorRT itself; the real thing must be run on a Jetson/GPU.
+TensorRT cannot be installed on the development/CI machines. The engine here is built by export's
+builder from the toy graph and run by edgestad.runner's TrtRunner through the stub, which checks
+what can go wrong in our code (buffer sizes, copies, tensor addresses, input shapes, batch
+handling, engine selection and refusal), not TensorRT itself; that must be run on a Jetson/GPU.
 """
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -20,173 +16,21 @@ import pytest
 from edgestad.bundle import add_files, load_bundle
 from edgestad.runtime.backends import TensorRTBackend, list_engines, select_backend
 from edgestad.runtime.errors import BackendError
-from test_runtime_toy import make_toy_bundle
+from test_runtime_toy import make_toy_bundle, toy_graph
+from trt_stub import MEMORY, fake_gpu  # noqa: F401 (fixture)
 
 H, W = 24, 32
-MEMORY: dict[int, np.ndarray] = {}  # fake device memory: address -> bytes
-
-
-def _module(name):
-    m = types.ModuleType(name)
-    m.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    return m
-
-
-def fake_pycuda():
-    drv = _module("pycuda.driver")
-
-    class Alloc:
-        def __init__(self, nbytes):
-            self.addr = 0x1000 * (len(MEMORY) + 1)
-            MEMORY[self.addr] = np.zeros(nbytes, np.uint8)
-
-        def __int__(self):
-            return self.addr
-
-        def free(self):
-            MEMORY.pop(self.addr)
-
-    class Context:
-        depth = 0
-
-        def push(self):
-            Context.depth += 1
-
-        def pop(self):
-            assert Context.depth > 0, "pop without push"
-            Context.depth -= 1
-
-        def detach(self):
-            pass
-
-    class Device:
-        def __init__(self, i):
-            pass
-
-        def name(self):
-            return "Orin"
-
-        def compute_capability(self):
-            return (8, 7)
-
-        def retain_primary_context(self):
-            return Context()
-
-    class Stream:
-        handle = 0xABC
-
-        def synchronize(self):
-            pass
-
-    def htod(dst, src, stream):
-        assert Context.depth > 0 and isinstance(stream, Stream)
-        raw = np.ascontiguousarray(src).view(np.uint8).reshape(-1)
-        MEMORY[int(dst)][: raw.size] = raw
-
-    def dtoh(dst, src, stream):
-        assert Context.depth > 0
-        view = dst.view(np.uint8).reshape(-1)
-        view[:] = MEMORY[int(src)][: view.size]
-
-    drv.init = lambda: None
-    drv.Device, drv.Stream, drv.Context = Device, Stream, Context
-    drv.pagelocked_empty = lambda n, dtype: np.zeros(n, dtype)
-    drv.mem_alloc = Alloc
-    drv.memcpy_htod_async, drv.memcpy_dtoh_async = htod, dtoh
-    pkg = _module("pycuda")
-    pkg.driver = drv
-    return pkg, drv
-
-
-def fake_tensorrt(version="10.3.0.30"):
-    trt = _module("tensorrt")
-    trt.__version__ = version
-
-    class DataType:
-        UINT8, FLOAT = "uint8", "float32"
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            pass
-
-    class Context:
-        def __init__(self):
-            self.addr, self.shape = {}, None
-
-        def set_input_shape(self, name, shape):
-            assert name == "images" and len(shape) == 4
-            self.shape = tuple(shape)
-            return True
-
-        def get_tensor_shape(self, name):
-            n = self.shape[0]
-            return {"images": self.shape, "anomaly_map": (n, 1, H, W), "image_score": (n,)}[name]
-
-        def set_tensor_address(self, name, ptr):
-            assert isinstance(ptr, int)
-            self.addr[name] = ptr
-
-        def execute_async_v3(self, stream_handle):
-            assert stream_handle == 0xABC and set(self.addr) == {"images", "anomaly_map", "image_score"}
-            n = self.shape[0]
-            x = MEMORY[self.addr["images"]][: n * 3 * H * W].reshape(n, 3, H, W).astype(np.float32)
-            amap = (x / np.float32(255)).mean(axis=1, keepdims=True, dtype=np.float32)
-            MEMORY[self.addr["anomaly_map"]][: amap.nbytes] = amap.view(np.uint8).reshape(-1)
-            score = amap.reshape(n, -1).max(axis=1).astype(np.float32)
-            MEMORY[self.addr["image_score"]][: score.nbytes] = score.view(np.uint8)
-            return True
-
-    class Engine:
-        num_io_tensors = 3
-        names = ["images", "anomaly_map", "image_score"]
-
-        def get_tensor_name(self, i):
-            return self.names[i]
-
-        def get_tensor_shape(self, name):
-            return {"images": (-1, 3, H, W), "anomaly_map": (-1, 1, H, W), "image_score": (-1,)}[name]
-
-        def get_tensor_profile_shape(self, name, profile):
-            return [(1, 3, H, W), (1, 3, H, W), (4, 3, H, W)]
-
-        def get_tensor_dtype(self, name):
-            return DataType.UINT8 if name == "images" else DataType.FLOAT
-
-        def create_execution_context(self):
-            return Context()
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, blob):
-            return Engine() if blob == b"toy-engine" else None  # None: what TensorRT returns on mismatch
-
-    trt.DataType, trt.Logger, trt.Runtime = DataType, Logger, Runtime
-    trt.nptype = np.dtype
-    return trt
 
 
 @pytest.fixture
-def fake_gpu(monkeypatch):
-    pkg, drv = fake_pycuda()
-    monkeypatch.setitem(sys.modules, "pycuda", pkg)
-    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt())
-    MEMORY.clear()
-    yield
-    MEMORY.clear()
-
-
-@pytest.fixture
-def engine_bundle(tmp_path):
+def engine_bundle(fake_gpu, tmp_path):
+    from edgestad.export.tensorrt_build import build_engine
     b = make_toy_bundle(tmp_path / "b", H, W)
+    plan = build_engine(toy_graph(H, W), "fp16", (3, H, W), max_batch=4, log=lambda s: None).plan
     good = {"gpu_name": "Orin", "compute_capability": "8.7", "tensorrt_version": "10.3.0.30", "precision": "fp16"}
     old = {**good, "tensorrt_version": "8.6.2", "precision": "fp32"}
-    add_files(b, {"orin.fp16.engine": b"toy-engine", "orin.fp16.json": json.dumps(good).encode(),
-                  "orin.fp32.engine": b"toy-engine", "orin.fp32.json": json.dumps(old).encode()},
+    add_files(b, {"orin.fp16.engine": plan, "orin.fp16.json": json.dumps(good).encode(),
+                  "orin.fp32.engine": plan, "orin.fp32.json": json.dumps(old).encode()},
               manifest_updates={"exports": {"engines": ["orin.fp16.engine", "orin.fp32.engine"]}})
     return load_bundle(b)
 
