@@ -50,7 +50,7 @@ def main() -> None:
         epochs = str(training["epochs"])
         if r["method"] == "rstpm":              # pair epochs + discriminator epochs
             from edgestad.methods import get_method
-            default = get_method("rstpm").defaults["disc_epochs"]
+            default = get_method("rstpm").option("disc_epochs").default
             epochs += f"+{(training.get('options') or {}).get('disc_epochs', default)}"
         sigma = r["bundle"]["method_config"].get("map_sigma", 0)   # absent: before map smoothing
         print(f"| {r['method']} | {r['category']} | {epochs} | {sigma:g} | "

@@ -19,7 +19,7 @@ import click
 COMMANDS = {
     "pretrain-teacher": "edgestad.train.cli:pretrain_teacher",
     "train": "edgestad.train.cli:train",
-    "methods": "edgestad.train.cli:methods",
+    "methods": "edgestad.methods.catalog:methods_command",
     "roi": "edgestad.train.roi:roi_command",
     "evaluate": "edgestad.evaluate:evaluate_command",
     "demo": "edgestad.demo:demo_command",

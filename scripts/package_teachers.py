@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgestad.files import atomic_write_json, sha256_file
 from edgestad.methods.uninformed_students.teachers import read_teacher_file
-from edgestad.train.checkpoint import save_safetensors
+from edgestad.methods.common.checkpoint import save_safetensors
 
 DEST = Path(__file__).resolve().parent.parent / "edgestad" / "teachers"
 

@@ -9,7 +9,7 @@ from edgestad.methods.uninformed_students.patchnet import PatchNet, receptive_fi
 from edgestad.methods.uninformed_students.teachers import load_teacher
 from edgestad.methods.uninformed_students.teachers import shipped_teacher_path
 from edgestad.methods.uninformed_students.teacher import mean_abs_offdiag_correlation
-from edgestad.methods.common.backbones import IMAGENET_MEAN, IMAGENET_STD
+from edgestad.methods.common.settings import IMAGENET_MEAN, IMAGENET_STD
 
 INDEX = shipped_teacher_path(17).parent / "teachers.json"
 

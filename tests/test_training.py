@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -112,47 +111,6 @@ def test_train_bundle_end_to_end(tiny_dataset, tiny_teachers, tmp_path):
     st = model.score_stats_17
     assert float(((e - st[0]) / st[1]).mean()) == pytest.approx(0.0, abs=1e-4)
     assert float(((e - st[0]) / st[1]).std(unbiased=False)) == pytest.approx(1.0, abs=1e-3)
-
-
-def test_student_training_lowers_the_loss_and_resumes_exactly(tiny_dataset, tiny_teachers,
-                                                              tmp_path, monkeypatch):
-    from edgestad.methods.uninformed_students import students as students_mod
-    straight = train_bundle(tiny_dataset, tmp_path / "a", _config(), _settings(epochs=3),
-                            teachers=[tiny_teachers[17]], progress=False)
-    hist = load_bundle(straight).manifest["provenance"]["training"]["final_loss"]
-    assert hist > 0
-
-    real = students_mod.save_checkpoint
-    calls = {"n": 0}
-
-    def dies_after_first_epoch(path, state):
-        calls["n"] += 1
-        real(path, state)
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(students_mod, "save_checkpoint", dies_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train_bundle(tiny_dataset, tmp_path / "b", _config(), _settings(epochs=3),
-                     teachers=[tiny_teachers[17]], progress=False)
-    assert (tmp_path / ".b.partial" / "checkpoint.pt").exists()
-    resumed = train_bundle(tiny_dataset, tmp_path / "b", _config(), _settings(epochs=3),
-                           teachers=[tiny_teachers[17]], progress=False)
-    wa, wb = load_bundle(straight).weights(), load_bundle(resumed).weights()
-    for key in wa:
-        assert np.array_equal(wa[key], wb[key]), key
-
-
-def test_loss_decreases(tiny_dataset, tiny_teachers):
-    from edgestad.methods.uninformed_students.model import UninformedStudents
-    from edgestad.data import load_images, good_images
-    from edgestad.methods.uninformed_students.students import train_students
-    model = UninformedStudents(_config(descriptor_dim=8, width=4))
-    state, _ = read_teacher_file(tiny_teachers[17])
-    model.teachers["17"].load_state_dict(state)
-    images = load_images(good_images(tiny_dataset), (64, 64))
-    history = train_students(model, images, None, epochs=4, crop_size=None, progress=False)
-    assert history[-1]["loss"] < history[0]["loss"]
 
 
 def test_bad_inputs_name_the_problem(tmp_path, tiny_teachers, tiny_dataset):

@@ -8,12 +8,8 @@ import click
 
 
 def _device(name: str) -> str:
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    return name
+    from edgestad.torch_loop import choose_device  # torch is imported only when a command runs
+    return choose_device(name)
 
 
 @click.command("pretrain-teacher")
@@ -58,29 +54,55 @@ def pretrain_teacher(images, out_dir, patch_size, iterations, batch_size, descri
                f"{json.dumps(meta['holdout_quality'])}")
 
 
-# Uninformed Students' two documented starting points (width and d come from the teachers).
-# "edge" is chosen from the accuracy–cost frontier (README "Performance").
-PRESETS = {"paper": {"patch_sizes": (17, 33, 65), "dense_stride": 1},
-           "edge": {"patch_sizes": (65,), "dense_stride": 4}}
+class _TrainCommand(click.Command):
+    """`train --help` ends with the methods, their options and presets, generated from their
+    declarations (``edgestad.methods.catalog``)."""
 
-
-def _methods_help() -> str:
-    from edgestad.methods import DEFAULT_METHOD, list_methods
-    return "\n".join(f"{m.name}{' (default)' if m.name == DEFAULT_METHOD else ''}: {m.summary()}"
-                     for m in list_methods())
-
-
-@click.command("methods")
-def methods():
-    """List the methods `edgestad train --method` accepts: what each is, its paper, its backbone."""
-    click.echo(_methods_help())
+    def format_epilog(self, ctx, formatter):
+        from edgestad.methods.catalog import methods_text
+        with formatter.section("Methods (--method), their options (-o NAME=VALUE or the flag named) "
+                               "and presets"):
+            for line in methods_text(settings=False).splitlines():
+                formatter.write(" " * formatter.current_indent + line + "\n")
+        super().format_epilog(ctx, formatter)
 
 
 def _usage(option: str, message: str):
     raise click.UsageError(f"{option}: {message}")
 
 
-@click.command("train")
+def _has(method, key: str) -> bool:
+    return key in method.setting_names() or key in method.option_names
+
+
+def _methods_having(key: str) -> str:
+    from edgestad.methods import list_methods
+    names = [m.name for m in list_methods() if _has(m, key)]
+    return f" (methods that have it: {', '.join(names)})" if names else ""
+
+
+def _method_for(method: str | None, preset: str | None, given: dict, default: str):
+    """(the method's name, what implied it or None). Without --method, flags (or a preset) that
+    the default method lacks and exactly one method has name that method (so Uninformed
+    Students' documented commands need no --method)."""
+    from edgestad.methods import get_method, list_methods
+    if method is not None:
+        return method, None
+    lacking = [flag for flag, (key, _) in given.items() if not _has(get_method(default), key)]
+    if preset is not None and preset not in get_method(default).presets:
+        lacking.append("--preset")
+    if not lacking:
+        return default, None
+    wanted = [key for flag, (key, _) in given.items() if flag in lacking]
+    candidates = [m.name for m in list_methods()
+                  if all(_has(m, key) for key in wanted)
+                  and ("--preset" not in lacking or preset in m.presets)]
+    if len(candidates) != 1:
+        return default, None            # the default then names what it lacks
+    return candidates[0], ", ".join(lacking)
+
+
+@click.command("train", cls=_TrainCommand)
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "bundle", type=click.Path(path_type=Path), required=True,
               help="Bundle directory to write. A finished bundle there is kept unless --force; "
@@ -88,10 +110,11 @@ def _usage(option: str, message: str):
 @click.option("--method", default=None,
               help="Method (see `edgestad methods`); default: stfpm.")
 @click.option("--backbone", default=None,
-              help="Pretrained CNN: efficientnet-lite0 (offline, default) or resnet18 / resnet50 "
-              "with --backbone-weights FILE (stfpm, stfpm_ae, rstpm, resnet_students).")
+              help="Pretrained CNN (setting backbone): efficientnet-lite0 (offline, default) or "
+              "resnet18 / resnet50 with --backbone-weights FILE.")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
-              help="Local weights file of the backbone (torchvision .pth or .safetensors).")
+              help="Local weights file of the backbone (torchvision .pth or .safetensors; option "
+              "backbone_weights).")
 @click.option("--epochs", type=int, default=None, help="Default: the method's.")
 @click.option("--batch-size", type=int, default=None, help="Default: the method's.")
 @click.option("--lr", type=float, default=None, help="Default: the method's.")
@@ -101,19 +124,19 @@ def _usage(option: str, message: str):
 @click.option("--resize", type=click.Choice(["auto", "area_or_linear", "letterbox"]), default="auto",
               show_default=True, help="auto = letterbox (keep the aspect ratio, pad) when the "
               "training images' aspect ratios differ, else area_or_linear (squash).")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
-              help="uninformed_students: paper = p 17 33 65 at dense stride 1; edge = p 65 at "
-              "dense stride 4. -p and --dense-stride override it.")
+@click.option("--preset", default=None, metavar="NAME",
+              help="A named starting point of the method (its presets are listed below); the "
+              "flags that set the same settings override it.")
 @click.option("-p", "--patch-size", "patch_sizes", multiple=True, type=click.Choice(["17", "33", "65"]),
-              help="uninformed_students: scales to train (repeat).")
+              help="Setting patch_sizes: a scale to train (repeat).")
 @click.option("--students", "num_students", type=int, default=None,
-              help="uninformed_students: M; resnet_students: number of students.")
+              help="Setting num_students: the number of students (M).")
 @click.option("--dense-stride", type=click.Choice(["1", "2", "4", "8"]), default=None,
-              help="uninformed_students: 1 = exact dense map; s>1 = sampled every s px.")
+              help="Setting dense_stride: 1 = exact dense map; s>1 = sampled every s px.")
 @click.option("--crop-size", type=int, default=None,
-              help="uninformed_students: train on random crops of this side.")
+              help="Option crop_size: train on random crops of this side.")
 @click.option("--teacher", "teachers", multiple=True, type=click.Path(dir_okay=False),
-              help="uninformed_students: a teacher file from pretrain-teacher (repeat per scale).")
+              help="Option teachers: a teacher file from pretrain-teacher (repeat per scale).")
 @click.option("--defects", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A folder of a few real defective images: the image threshold is set so that "
               "--recall of them are NG, and the expected share of good parts NG is reported "
@@ -125,10 +148,9 @@ def _usage(option: str, message: str):
               "evaluate, the runtime's frames) is cropped to it before the resize rule. "
               "`edgestad roi DATA` proposes one from the training images.")
 @click.option("--augment", type=click.Choice(["auto", "none", "flip", "rotate"]), default=None,
-              help="Training augmentation (stfpm, resnet_students): rotate = random 90° turns and "
+              help="Option augment (training augmentation): rotate = random 90° turns and "
               "flips, for parts that lie at any angle; auto = rotate when the training images show "
-              "varied orientations, else the method's own; default: the method's own (stfpm none, "
-              "resnet_students flip).")
+              "varied orientations, else the method's own; default: the method's own (below).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Share of good images held out for score statistics and thresholds.")
 @click.option("--pixel-fpr", type=float, default=0.001, show_default=True,
@@ -152,34 +174,28 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
           image_score, resize, preset, patch_sizes, num_students, dense_stride, crop_size, teachers,
           defects, recall, roi, augment, val_fraction, pixel_fpr, image_false_reject, review_false_reject, device, seed,
           extra, force):
-    """Train a model on the good images of DATA (an MVTec category or a plain folder).
-
-    Methods (--method):
-
-    \b
-    stfpm (default): pretrained CNN teacher, same-architecture student (Wang et al., 2021)
-    resnet_students: ResNet-18-layer teacher, three small CNN students
-    stfpm_ae: STFPM with per-level U-Net auto-encoders
-    rstpm: two student-teacher pairs + a discriminative U-Net (Yamada et al., 2022)
-    uninformed_students: patch-descriptor teacher, M students, e + v (Bergmann et al., 2020)
-    """
+    """Train a model on the good images of DATA (an MVTec category or a plain folder)."""
     from edgestad.methods import DEFAULT_METHOD, get_method
     from edgestad.methods.base import MethodConfigError, TrainSettings
-    from .checkpoint import CheckpointMismatch
+    from edgestad.methods.common.checkpoint import CheckpointMismatch
     from .fit import TrainError, train_bundle
 
-    us_only = {"--preset": preset, "-p": patch_sizes, "--dense-stride": dense_stride,
-               "--crop-size": crop_size, "--teacher": teachers}
-    if method is None and any(us_only.values()):
-        # Uninformed Students' own options name the method (and keep its documented commands).
-        method = "uninformed_students"
-        click.echo(f"method: uninformed_students (implied by "
-                   f"{', '.join(k for k, v in us_only.items() if v)})")
-    name = method or DEFAULT_METHOD
+    # flags that set a method's own setting or option (flag → name, value); the rest of the
+    # method's settings and options come with -o NAME=VALUE
+    own = {"--backbone": ("backbone", backbone),
+           "-p": ("patch_sizes", tuple(sorted(int(p) for p in patch_sizes)) or None),
+           "--students": ("num_students", num_students),
+           "--dense-stride": ("dense_stride", int(dense_stride) if dense_stride else None),
+           "--crop-size": ("crop_size", crop_size), "--teacher": ("teachers", tuple(teachers) or None),
+           "--augment": ("augment", augment), "--backbone-weights": ("backbone_weights", backbone_weights)}
+    given = {flag: item for flag, item in own.items() if item[1] is not None}
     try:
+        name, implied = _method_for(method, preset, given, DEFAULT_METHOD)
         m = get_method(name)
     except MethodConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    if implied:
+        click.echo(f"method: {name} (implied by {implied})")
     for option, value in (("--epochs", epochs), ("--batch-size", batch_size),
                           ("--students", num_students), ("--input-size", input_size),
                           ("--crop-size", crop_size)):
@@ -208,36 +224,22 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
     if review_false_reject is not None and not image_false_reject < review_false_reject < 0.5:
         _usage("--review-false-reject", f"must be larger than --image-false-reject "
                f"({image_false_reject:g}) and below 0.5, got {review_false_reject}")
-    values = {"input_size": (input_size, input_size) if input_size else None,
-              "image_score": image_score, "backbone": backbone,
-              "resize": resize}
+    if preset is not None and preset not in m.presets:
+        _usage("--preset", f"method {name} has {'the presets ' + ', '.join(m.presets) if m.presets else 'no presets'}"
+               f", not {preset!r}")
+    values = {**m.presets.get(preset, {}),
+              "input_size": (input_size, input_size) if input_size else None,
+              "image_score": image_score, "resize": resize}
     options = {}
-    if name == "uninformed_students":
-        chosen = PRESETS[preset or "paper"]
-        values.update(patch_sizes=tuple(sorted(int(p) for p in patch_sizes)) or chosen["patch_sizes"],
-                      num_students=num_students,
-                      dense_stride=int(dense_stride) if dense_stride else chosen["dense_stride"])
-        options.update(teachers=tuple(teachers), crop_size=crop_size)
-        side = input_size or 256
-        if crop_size is not None and crop_size > side:
-            _usage("--crop-size", f"{crop_size} is larger than the input size {side}")
-    else:
-        for option, value in us_only.items():
-            if value:
-                _usage(option, f"applies to --method uninformed_students only, not {name}")
-        if num_students is not None:
-            if "num_students" not in m.config_cls.__dataclass_fields__:
-                _usage("--students", f"not a setting of method {name}")
-            values["num_students"] = num_students
-    if augment is not None and "augment" not in m.option_names:
-        _usage("--augment", f"not an option of method {name}")
-    if augment is not None:
-        options["augment"] = augment
-    if backbone_weights:
-        if "backbone_weights" not in m.option_names:
-            _usage("--backbone-weights", f"not an option of method {name}")
-        options["backbone_weights"] = backbone_weights
-    fields = set(m.config_cls.__dataclass_fields__)
+    fields = set(m.setting_names())
+    for flag, (key, value) in given.items():
+        if key in fields:
+            values[key] = value
+        elif key in m.option_names:
+            options[key] = value
+        else:
+            _usage(flag, f"not a setting or option of method {name}"
+                   f"{_methods_having(key)}")
     for item in extra:
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -259,6 +261,7 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
                    f"{', '.join(m.option_names) or 'none'})")
     try:
         config = m.make_config(**values)
+        m.resolve_options(options, config)          # typed and checked before any image is read
     except (MethodConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,

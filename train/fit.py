@@ -25,8 +25,9 @@ from edgestad.bundle import MANIFEST_NAME, write_bundle
 from edgestad.data import aspect_ratios_vary, fingerprint, good_images, load_images, split_train_val
 from edgestad.data import LETTERBOX_PAD_VALUE
 from edgestad.methods import get_method
-from edgestad.methods.base import FitContext, TrainSettings, nchw
+from edgestad.methods.base import FitContext, TrainSettings
 from edgestad.methods.common.global_score import fit_global_branch
+from edgestad.methods.common.training import checkpoint_progress, nchw
 from edgestad.methods.common.scoring import describe_image_score
 
 from .augment import choose_augmentation
@@ -70,19 +71,15 @@ def partial_dir(bundle_path: Path) -> Path:
 
 
 def resume_line(checkpoint: Path, epochs: int) -> str:
-    """'resuming from epoch N of E (<checkpoint>)', N the epochs the checkpoint holds (as
-    methods.base.train_epochs words it; Uninformed Students: per scale)."""
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - the method's own load reports an unreadable checkpoint
+    """'resuming from epoch N of E (<checkpoint>)', N the epochs the checkpoint holds; for a
+    method that trains in stages, the epochs done per stage."""
+    done = checkpoint_progress(checkpoint)
+    if not done:   # the method's own load reports an unreadable checkpoint
         return f"resuming from {checkpoint}"
-    if isinstance(state.get("epoch"), int):
-        return f"resuming from epoch {state['epoch']} of {epochs} ({checkpoint})"
-    done = state.get("done")
-    if isinstance(done, dict) and done:
-        scales = ", ".join(f"p={p}: {n}" for p, n in done.items())
-        return f"resuming from epoch {min(done.values())} of {epochs} (epochs done {scales}; {checkpoint})"
-    return f"resuming from {checkpoint}"
+    if len(done) == 1:
+        return f"resuming from epoch {sum(done.values())} of {epochs} ({checkpoint})"
+    stages = ", ".join(f"{stage}: {n}" for stage, n in done.items())
+    return f"resuming after {sum(done.values())} epochs (epochs done per stage: {stages}; {checkpoint})"
 
 
 def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settings: TrainSettings,
@@ -97,6 +94,7 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
     epochs = settings.epochs if settings.epochs is not None else method.defaults["epochs"]
     batch_size = settings.batch_size if settings.batch_size is not None else method.defaults["batch_size"]
     lr = settings.lr if settings.lr is not None else method.defaults["lr"]
+    options = method.resolve_options(settings.options, config)   # typed, checked, defaults
 
     paths = good_images(data)
     train_paths, val_paths = split_train_val(paths, settings.val_fraction, settings.seed)
@@ -114,13 +112,13 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
                                         with_boxes=True, roi=roi)
 
     augment_choice = None
-    if settings.options.get("augment") == "auto":
+    if options.get("augment") == "auto":
         chosen, why = choose_augmentation(train_images, train_boxes if config.resize == "letterbox" else None,
-                                          otherwise=method.defaults.get("augment", "none"))
-        settings.options["augment"] = chosen
+                                          otherwise=method.option("augment").default)
+        settings.options["augment"] = options["augment"] = chosen
         augment_choice = {"augment": chosen, "why": why}
         echo(f"augment: {chosen} ({why})")
-    config = method.prepare(config, settings.options)
+    config = method.prepare(config, options)
     torch.manual_seed(settings.seed)
     model = method.build(config)
     work = partial_dir(bundle_path)
@@ -137,7 +135,7 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
          "settings": {**settings.__dict__, "epochs": epochs, "batch_size": batch_size, "lr": lr}},
         indent=1, default=str))
     ctx = FitContext(epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=settings.seed,
-                     checkpoint=checkpoint, progress=progress, log=log, options=dict(settings.options))
+                     checkpoint=checkpoint, progress=progress, log=log, options=options)
     history = method.fit(model, train_images, ctx)
 
     model.eval().to(device)

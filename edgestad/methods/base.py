@@ -1,34 +1,39 @@
-"""The Method interface: what a method folder provides, with defaults for the optional parts.
+"""The Method interface: what a method folder declares, with defaults for the optional parts.
 
-A method is one folder under ``edgestad/methods/`` holding its config (a dataclass whose fields
-read like the paper's table), its model (an ``AnomalyModel``: uint8 images → map, score), its
-losses and its training loop, registered by name with ``@register``. The generic driver
-(``edgestad.train.fit``) does split → prepare → build → fit → calibrate → thresholds → bundle for
-every method; evaluate, export, bench and the runtime know nothing method-specific.
+Torch-free: a method folder's ``__init__.py`` declares its Method here (name, paper, defaults,
+typed options, config dataclass) without importing its model, so ``edgestad methods``,
+``train --help`` and config checks import no torch; the verbs import the model when they run.
 
-Verbs:
+A method is one folder under ``edgestad/methods/`` (or a package of the user's, found through
+the ``edgestad.methods`` entry-point group) holding its config (a dataclass whose fields read
+like the paper's table), its model (an ``AnomalyModel``: uint8 images → map, score) and its
+training stages (``common/training.py`` runs them), registered by name with ``@register``. The
+generic driver (``edgestad train``) does split → prepare → build → fit → calibrate → thresholds
+→ bundle for every method; evaluate, export, bench and the runtime know nothing
+method-specific.
+
+Verbs (the defaults import the torch side the declaration names: ``model_class``,
+``train_function``, ``calibrate_function``, ``parts_function``):
 - ``prepare(config, options)``: settle what depends on files (e.g. a teacher's width); default
   as is;
 - ``build(config)``: the model with random / empty weights (loading a bundle fills them);
-- ``fit(model, images, ctx)``: load pretrained parts, train, resumable per epoch;
+- ``fit(model, images, ctx)``: load pretrained parts, train (``common/training.py``: staged,
+  resumable per epoch); the options arrive typed and checked (``resolve_options``);
 - ``calibrate(model, images, boxes, device)``: statistics from validation good images stored in
   the model's buffers (default: none);
 optional hooks:
 - ``parts(model, x)``: named partial maps (per level / scale) that ``evaluate`` reports;
 - ``deploy_forms()``: alternative graph forms of the same model (e.g. a fused ensemble);
 - ``fp32_modules(config)``: module paths whose operations must stay float32 in the fp16/int8
-  graphs, beyond the structural rule (everything after the last convolution).
+  graphs, beyond the structural rule (everything after the last convolution);
+- ``tiny(workdir)``: a tiny, fast instance (what the conformance test trains and exports).
 """
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
-
-import numpy as np
-import torch
 
 RESIZE_CHOICES = ("auto", "area_or_linear", "letterbox")
 
@@ -37,15 +42,23 @@ class MethodConfigError(ValueError):
     """A setting does not exist for the method or has a bad value; the message names it."""
 
 
+# Settings applied after training (map post-processing, the global branch fitted from frozen
+# teacher features, the image-score fusion): a resume ignores them.
+POST_TRAINING_SETTINGS = ("map_sigma", "image_score", "global_branch", "global_levels",
+                          "score_fusion", "score_normalization")
+
+
 class ConfigMixin:
     """to_dict / from_dict for the config dataclasses (tuples stored as JSON lists).
 
     ``STORED_DEFAULTS``: values for settings added after bundles were written without them, so an
     older bundle loads with the behaviour it was calibrated with (e.g. ``map_sigma`` 0 = no map
-    smoothing), not the new default.
+    smoothing), not the new default. ``NOT_TRAINED``: settings training does not depend on (a
+    resume ignores them).
     """
 
     STORED_DEFAULTS: ClassVar[dict] = {}
+    NOT_TRAINED: ClassVar[tuple[str, ...]] = POST_TRAINING_SETTINGS
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -63,6 +76,83 @@ class ConfigMixin:
         return dataclasses.replace(self, **changes)
 
 
+def training_config(config) -> dict:
+    """The config as a resume checkpoint records and checks it: without the settings that only
+    post-process the map or the score or change inference alone (training does not depend on
+    them, so changing one, or resuming a checkpoint written before it existed, must not refuse
+    the resume)."""
+    return {k: v for k, v in config.to_dict().items() if k not in type(config).NOT_TRAINED}
+
+
+# --- typed options -------------------------------------------------------------------------------
+
+_TYPE_NAMES = {int: "int", float: "float", str: "text", bool: "true/false", "file": "file",
+               "files": "files", "folder": "folder"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """A training option of a method (not a model setting: it is not stored in the config and
+    does not change the graph): name, type, default, help.
+
+    ``type``: int, float, str, bool, ``"file"`` / ``"folder"`` (a path, kept as text) or
+    ``"files"`` (a tuple of paths). ``default`` None means "not given" (the method's code says
+    what then happens, the help text too). ``flag``: the ``edgestad train`` flag that sets it
+    (otherwise ``-o NAME=VALUE``)."""
+    name: str
+    type: Any
+    default: Any = None
+    help: str = ""
+    choices: tuple = ()
+    minimum: float | None = None
+    flag: str | None = None
+
+    @property
+    def type_name(self) -> str:
+        return "|".join(self.choices) if self.choices else _TYPE_NAMES.get(self.type, str(self.type))
+
+    @property
+    def how_to_set(self) -> str:
+        return self.flag or f"-o {self.name}=VALUE"
+
+    def parse(self, value):
+        """The value converted to the option's type; MethodConfigError naming it otherwise."""
+        if value is None:
+            return None
+        where = self.flag or f"option {self.name}"
+
+        def bad(what):
+            return MethodConfigError(f"{where}: expected {what}, got {value!r}")
+
+        kind = self.type
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise bad("true or false")
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad("an integer")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad("a number")
+            value = float(value)
+        elif kind == "files":
+            items = (value,) if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+                raise bad("file paths")
+            value = tuple(items)
+        elif not isinstance(value, str):          # str, "file", "folder"
+            raise bad("text" if kind is str else f"a {kind} path")
+        if self.choices and value not in self.choices:
+            raise MethodConfigError(f"{where}: must be one of {', '.join(self.choices)}, got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise MethodConfigError(f"{where}: must be at least {self.minimum:g}, got {value!r}")
+        return value
+
+    def describe(self) -> str:
+        default = "not set" if self.default is None else repr(self.default)
+        return f"{self.name} ({self.type_name}, default {default}; {self.how_to_set}): {self.help}"
+
+
 @dataclass
 class TrainSettings:
     """Training settings every method understands; ``None`` = the method's own default."""
@@ -77,7 +167,7 @@ class TrainSettings:
     defects: str | None = None                    # real defective images: image threshold by recall
     recall: float = 0.95
     seed: int = 0
-    options: dict = field(default_factory=dict)   # method-specific (teachers, crop size, ...)
+    options: dict = field(default_factory=dict)   # the method's options (Method.options) as given
 
 
 @dataclass
@@ -101,27 +191,47 @@ class Method:
     paper: str = ""            # the reference
     default_backbone: str = ""
     config_cls: type = None    # type: ignore[assignment]
-    # epochs, batch_size, lr (and whatever else the method's fit reads from ctx.options)
+    # epochs, batch_size, lr
     defaults: dict = {}
-    # TrainSettings.options keys this method understands (the CLI refuses others for it)
-    option_names: tuple[str, ...] = ()
+    # the training options this method understands (Option); the CLI refuses others for it
+    options: tuple[Option, ...] = ()
+    # named starting points: preset name → settings (``train --preset``)
+    presets: dict[str, dict] = {}
+    # Where the torch side lives, imported when a verb runs ("module:attribute"; a module name
+    # starting with "." is relative to the method's package): the model class (config → model),
+    # the training function (model, images, ctx, options → history), and optionally the
+    # calibration (model, images, boxes, device → stats) and the part maps (model, x → maps).
+    model_class: str = ""
+    train_function: str = ""
+    calibrate_function: str = ""
+    parts_function: str = ""
 
-    # --- required ------------------------------------------------------------------------------
-    def build(self, config) -> torch.nn.Module:
-        raise NotImplementedError
+    def _torch_side(self, target: str):
+        import importlib
+        import sys
+        module, _, attribute = target.partition(":")
+        package = sys.modules[type(self).__module__].__package__
+        return getattr(importlib.import_module(module, package), attribute)
 
-    def fit(self, model, images: np.ndarray, ctx: FitContext) -> list[dict]:
-        raise NotImplementedError
+    # --- the verbs -----------------------------------------------------------------------------
+    def build(self, config):
+        return self._torch_side(self.model_class)(config)
+
+    def fit(self, model, images, ctx: FitContext) -> list[dict]:
+        train = self._torch_side(self.train_function)
+        return train(model, images, ctx, self.resolve_options(ctx.options))
 
     # --- defaults ------------------------------------------------------------------------------
     def prepare(self, config, options: dict):
         return config
 
-    def calibrate(self, model, images: torch.Tensor, boxes: torch.Tensor | None, device) -> dict:
-        return {}
+    def calibrate(self, model, images, boxes, device) -> dict:
+        if not self.calibrate_function:
+            return {}
+        return self._torch_side(self.calibrate_function)(model, images, boxes, device)
 
-    def parts(self, model, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {}
+    def parts(self, model, x) -> dict:
+        return self._torch_side(self.parts_function)(model, x) if self.parts_function else {}
 
     def deploy_forms(self) -> dict[str, Callable]:
         return {}
@@ -138,10 +248,20 @@ class Method:
     def backbone_of(self, config) -> str:
         return getattr(config, "backbone", self.default_backbone)
 
+    def tiny(self, workdir: Path) -> dict:
+        """A tiny, fast instance: {"settings": config values, "options": options, "lr": a
+        learning rate under which a few steps lower the loss (None: the method's)}. What the
+        conformance test trains, resumes, letterboxes and exports for every method."""
+        return {"settings": {"input_size": (64, 64)}, "options": {}, "lr": None}
+
+    # --- settings and options: checked here, once ----------------------------------------------
+    def setting_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.config_cls)]
+
     def make_config(self, **values):
         """The config from the given values (``None`` = default); unknown names are refused."""
         values = {k: v for k, v in values.items() if v is not None}
-        known = {f.name for f in dataclasses.fields(self.config_cls)}
+        known = set(self.setting_names())
         unknown = sorted(set(values) - known)
         if unknown:
             raise MethodConfigError(
@@ -149,148 +269,32 @@ class Method:
                 f"(its settings: {', '.join(sorted(known))})")
         return self.config_cls(**values)
 
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.options)
+
+    def option(self, name: str) -> Option:
+        for o in self.options:
+            if o.name == name:
+                return o
+        raise KeyError(name)
+
+    def resolve_options(self, given: dict, config=None) -> dict:
+        """Every option of the method: the given values (typed, checked) and the defaults of the
+        rest. Unknown names are refused, naming the method's options. With ``config``, the
+        method's own cross-checks (``check_options``) run too."""
+        unknown = sorted(set(given) - set(self.option_names))
+        if unknown:
+            raise MethodConfigError(f"option {unknown[0]!r}: not an option of method {self.name} "
+                                    f"(its options: {', '.join(self.option_names) or 'none'})")
+        resolved = {o.name: o.default if given.get(o.name) is None else o.parse(given[o.name])
+                    for o in self.options}
+        if config is not None:
+            self.check_options(resolved, config)
+        return resolved
+
+    def check_options(self, options: dict, config) -> None:
+        """A method's checks of its options against its config (MethodConfigError)."""
+
     def summary(self) -> str:
         return f"{self.title} [{self.paper}; default backbone: {self.default_backbone}]"
-
-
-# --- small helpers the training loops share ----------------------------------------------------
-
-def batches_of(data: torch.Tensor, batch_size: int, order: torch.Tensor | None = None):
-    n = len(data)
-    index = order if order is not None else torch.arange(n)
-    for start in range(0, n, batch_size):
-        yield data[index[start:start + batch_size]]
-
-
-def nchw(images: np.ndarray) -> torch.Tensor:
-    """uint8 N×H×W×3 numpy → uint8 N×3×H×W tensor."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-
-
-# Settings applied after training (map post-processing, the global branch fitted from frozen
-# teacher features, the image-score fusion): a resume ignores them.
-POST_TRAINING_SETTINGS = ("map_sigma", "image_score", "global_branch", "global_levels",
-                          "score_fusion", "score_normalization")
-# State that training never changes: the frozen pretrained teacher(s), loaded before the epoch loop,
-# and the global branch, fitted after it. A checkpoint may lack it (written with other
-# post-training settings, e.g. before the global branch existed).
-FILLED_OUTSIDE_TRAINING = ("teacher.", "teacher1.", "global_gaussian.", "score_fusion.")
-
-
-def training_config(config) -> dict:
-    """The config as a resume checkpoint records and checks it: without the settings that only
-    post-process the map or the score (training does not depend on them, so changing one, or
-    resuming a checkpoint written before it existed, must not refuse the resume)."""
-    return {k: v for k, v in config.to_dict().items() if k not in POST_TRAINING_SETTINGS}
-
-
-class EpochLoop:
-    """Resumable epoch loop state: model, optimizer(s) and RNG saved after every epoch.
-
-    ``start_epoch`` is where to continue; ``save(epoch, history)`` writes the checkpoint
-    atomically (train/checkpoint.py)."""
-
-    def __init__(self, ctx: FitContext, model, optimizers: dict, generator: torch.Generator,
-                 kind: str, config: dict):
-        from edgestad.train.checkpoint import load_checkpoint
-        self.ctx, self.model, self.optimizers, self.generator = ctx, model, optimizers, generator
-        self.kind, self.config = kind, config
-        self.start_epoch, self.history, self.resumed = 0, [], False
-        path = ctx.checkpoint
-        if path is not None and Path(path).exists():
-            state = load_checkpoint(path, expect={"kind": kind})
-            stored = {k: v for k, v in (state.get("config") or {}).items()
-                      if k not in POST_TRAINING_SETTINGS}   # written by any version
-            if stored != config:
-                from edgestad.train.checkpoint import CheckpointMismatch
-                raise CheckpointMismatch(
-                    f"{path}: the checkpoint was written with a different config ({stored!r} vs "
-                    f"{config!r}); use another output folder or delete it to start over")
-            result = model.load_state_dict(state["model"], strict=False)
-            trained = [k for k in result.missing_keys if not k.startswith(FILLED_OUTSIDE_TRAINING)]
-            if trained or result.unexpected_keys:
-                from edgestad.train.checkpoint import CheckpointMismatch
-                raise CheckpointMismatch(
-                    f"{path}: the checkpoint holds another model (missing "
-                    f"{trained[:3]}, unexpected {result.unexpected_keys[:3]}); use another output "
-                    f"folder or delete it to start over")
-            for name, opt in optimizers.items():
-                opt.load_state_dict(state["optimizers"][name])
-            generator.set_state(state["rng"])
-            self.start_epoch, self.history, self.resumed = state["epoch"], state["history"], True
-
-    def save(self, epoch: int, entry: dict) -> None:
-        from edgestad.train.checkpoint import save_checkpoint
-        self.history.append(entry)
-        if self.ctx.log:
-            self.ctx.log(entry)
-        if self.ctx.checkpoint is not None:
-            save_checkpoint(self.ctx.checkpoint, {
-                "kind": self.kind, "config": self.config, "model": self.model.state_dict(),
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "rng": self.generator.get_state(), "epoch": epoch, "history": self.history})
-
-
-AUGMENTATIONS = ("none", "flip", "rotate")
-
-
-def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Training augmentation of a normalised batch, drawn from the loop's generator (so resume
-    stays exact): ``flip`` mirrors left-right at random; ``rotate`` also turns each image by a
-    random multiple of 90° (of 180° for non-square inputs), for parts that lie at any angle.
-    The teacher and the student see the same augmented image (the loss gets ``x``)."""
-    if kind == "none":
-        return x
-    if kind not in AUGMENTATIONS:
-        raise MethodConfigError(f"augment: must be one of {', '.join(AUGMENTATIONS)}, got {kind!r}")
-    mirror = torch.rand(len(x), 1, 1, 1, generator=generator) < 0.5
-    x = torch.where(mirror.to(x.device), x.flip(-1), x)
-    if kind == "rotate":
-        square = x.shape[-1] == x.shape[-2]
-        turns = torch.randint(0, 4, (len(x),), generator=generator)
-        if not square:
-            turns = (turns // 2) * 2
-        x = torch.stack([torch.rot90(xi, int(k), dims=(-2, -1)) for xi, k in zip(x, turns)])
-    return x
-
-
-def train_epochs(model, data: torch.Tensor, ctx: FitContext, optimizers: dict, loss_of,
-                 desc: str = "training", augment: str = "none") -> list[dict]:
-    """The resumable epoch loop the feature-matching methods share: shuffled batches of the
-    uint8 images, normalised (and augmented, ``augment_batch``), ``loss_of(x)``, one step of
-    every optimizer; model, optimizers and RNG checkpointed after each epoch."""
-    from tqdm.auto import tqdm
-    device = torch.device(ctx.device)
-    generator = torch.Generator().manual_seed(ctx.seed)
-    loop = EpochLoop(ctx, model, optimizers, generator, kind=type(model).__name__,
-                     config=training_config(model.config))
-    steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
-    bar = tqdm(total=ctx.epochs * steps, initial=loop.start_epoch * steps, disable=not ctx.progress,
-               desc=desc, dynamic_ncols=True)
-    for epoch in range(loop.start_epoch, ctx.epochs):
-        model.train()
-        started, losses = time.time(), []
-        order = torch.randperm(len(data), generator=generator)
-        for batch in batches_of(data, ctx.batch_size, order):
-            x = augment_batch(model.normalize_input(batch.to(device)), augment, generator)
-            loss = loss_of(x)
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimizers.values():
-                opt.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-        loop.save(epoch + 1, timed_entry(epoch + 1, losses, started))
-        bar.set_postfix(loss=f"{loop.history[-1]['loss']:.4f}")
-    bar.close()
-    return loop.history
-
-
-def timed_entry(epoch: int, losses: list[float], started: float, **extra) -> dict:
-    return {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-            "seconds": round(time.time() - started, 2), **extra}
-
-
-def describe(value: Any) -> str:
-    return str(value)

@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 from edgestad.data import fit_image, letterbox_geometry, letterbox_image, map_to_eval_grid  # noqa: E402
 from edgestad.methods.common.backbones import (BackboneError, FeaturePyramid,  # noqa: E402
                                                describe_weights, load_state_dict_file)
-from edgestad.methods.common.scoring import (AnomalyModel, MapSmoothing, check_map_sigma,  # noqa: E402
-                                             image_score, parse_image_score)
+from edgestad.methods.common.scoring import AnomalyModel, MapSmoothing, image_score  # noqa: E402
+from edgestad.methods.common.settings import check_map_sigma, parse_image_score  # noqa: E402
 from edgestad.thresholds import fit_thresholds  # noqa: E402
 
 
@@ -238,3 +238,28 @@ def test_resume_checkpoints_ignore_map_sigma():
     assert "map_sigma" not in training_config(config_cls(map_sigma=2.0))
     assert training_config(config_cls(map_sigma=2.0)) == training_config(config_cls(map_sigma=0.0))
     assert training_config(config_cls(levels=(8, 16))) != training_config(config_cls())
+
+
+def _pretrained_feature_methods():
+    from edgestad.methods import list_methods
+    from edgestad.methods.common.settings import PretrainedFeatureConfig
+    return [m.name for m in list_methods() if issubclass(m.config_cls, PretrainedFeatureConfig)]
+
+
+@pytest.mark.parametrize("name", _pretrained_feature_methods())
+def test_old_manifests_load_with_the_behaviour_they_were_calibrated_with(name):
+    """The shared config base: a manifest written before map smoothing / the global branch
+    loads without them (σ 0, no branch), today's default is on, and σ is checked in one place."""
+    from edgestad.methods import get_method
+    config_cls = get_method(name).config_cls
+    assert config_cls().map_sigma == 2.0 and config_cls().global_branch
+    stored = config_cls(global_branch=False).to_dict()
+    del stored["map_sigma"], stored["global_branch"]
+    old = config_cls.from_dict(stored)
+    assert old.map_sigma == 0.0 and old.global_branch is False
+    with pytest.raises(ValueError, match="map_sigma"):
+        config_cls(map_sigma=-1.0)
+
+
+def test_the_pretrained_feature_methods_share_one_config_base():
+    assert set(_pretrained_feature_methods()) >= {"stfpm", "resnet_students", "stfpm_ae", "rstpm"}

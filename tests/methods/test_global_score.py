@@ -117,7 +117,7 @@ def test_bad_global_settings_name_the_setting(values, option):
 
 
 def test_rotate_augmentation_turns_and_flips_from_the_loop_generator():
-    from edgestad.methods.base import augment_batch
+    from edgestad.methods.common.training import augment_batch
     x = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4).repeat(8, 1, 1, 1)
     out = augment_batch(x, "rotate", torch.Generator().manual_seed(0))
     again = augment_batch(x, "rotate", torch.Generator().manual_seed(0))

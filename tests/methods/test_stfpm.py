@@ -139,37 +139,3 @@ def test_resnet_students_normalisations():
     assert stats["map_min"] < stats["map_max"]
     with pytest.raises(ValueError, match="normalization"):
         method.make_config(normalization="zscore")
-
-
-def test_interrupted_training_resumes_bit_exactly(tiny_dataset, tmp_path, monkeypatch, capsys):
-    from edgestad.bundle import load_bundle
-    from edgestad.methods import base
-    from edgestad.methods.base import TrainSettings
-    from edgestad.train.fit import train_bundle
-    method = get_method("stfpm")
-    config = method.make_config(input_size=(64, 64))
-
-    def run(out):
-        return train_bundle(tiny_dataset, out, "stfpm", config, TrainSettings(epochs=3, batch_size=4),
-                            progress=False, echo=print)
-
-    straight = run(tmp_path / "a")
-    real_save = base.EpochLoop.save
-    calls = {"n": 0}
-
-    def dies_after_first_epoch(self, epoch, entry):
-        real_save(self, epoch, entry)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(base.EpochLoop, "save", dies_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b")
-    assert (tmp_path / ".b.partial" / "checkpoint.pt").exists()
-    resumed = run(tmp_path / "b")
-    assert "resuming from epoch 1 of 3" in capsys.readouterr().out
-    wa, wb = load_bundle(straight).weights(), load_bundle(resumed).weights()
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert np.array_equal(wa[key], wb[key]), key

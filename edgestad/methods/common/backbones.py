@@ -25,32 +25,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PRETRAINED = "pretrained"     # the weights= value meaning "the backbone's own offline weights"
+from .settings import BACKBONES, PRETRAINED, BackboneError, backbone_names
 
-BACKBONES = {
-    # name: (channels per stride, mean, std, needs a user weights file)
-    "efficientnet-lite0": ({4: 24, 8: 40, 16: 112, 32: 320}, (0.5,) * 3, (0.5,) * 3, False),
-    "resnet18": ({4: 64, 8: 128, 16: 256, 32: 512}, IMAGENET_MEAN, IMAGENET_STD, True),
-    "resnet50": ({4: 256, 8: 512, 16: 1024, 32: 2048}, IMAGENET_MEAN, IMAGENET_STD, True),
-}
 _EFFICIENTNET_STAGE_END = {4: 2, 8: 4, 16: 10, 32: 15}
 _RESNET_STAGE = {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"}
-
-
-class BackboneError(ValueError):
-    """A backbone name, stride or weights file is unusable; the message names it."""
 
 
 @dataclass(frozen=True)
 class FeatureInfo:
     channels: int
     stride: int
-
-
-def backbone_names() -> list[str]:
-    return sorted(BACKBONES)
 
 
 def sha256_of(path: str | Path) -> str:
@@ -81,17 +65,6 @@ def describe_weights(name: str, weights: str | None) -> dict:
     if not path.is_file():
         raise BackboneError(f"--backbone-weights: {path}: no such file")
     return {"name": name, "weights": str(path), "sha256": sha256_of(path)}
-
-
-def check_backbone(name: str, strides: tuple[int, ...]) -> None:
-    """BackboneError (a ValueError) naming the option when a config names an unknown backbone or
-    stride: checked when the config is made, before any image is read."""
-    if name not in BACKBONES:
-        raise BackboneError(f"--backbone: unknown backbone {name!r}; known: {', '.join(backbone_names())}")
-    channels = BACKBONES[name][0]
-    if not strides or list(strides) != sorted(set(strides)) or any(s not in channels for s in strides):
-        raise BackboneError(f"backbone {name}: strides must be increasing, from {sorted(channels)}; "
-                            f"got {list(strides)}")
 
 
 class FeaturePyramid(nn.Module):

@@ -25,58 +25,11 @@ chosen on bottle, screw and magnetic_tile together.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..base import ConfigMixin
-
-FUSION_RULES = ("sum", "max")
-NORMALIZATIONS = ("quantile", "z")
-
-
-@dataclass
-class GlobalBranchSettings(ConfigMixin):
-    """The settings every pretrained-feature method's config shares (its base class)."""
-    global_branch: bool = True                     # the Gaussian of pooled teacher features
-    global_levels: tuple[int, ...] = (16, 32)      # teacher strides it pools
-    score_fusion: str = "sum"                      # FUSION_RULES
-    score_normalization: str = "quantile"          # NORMALIZATIONS
-
-    # bundles from before the global branch score with the map alone
-    STORED_DEFAULTS: ClassVar[dict] = {"global_branch": False}
-
-    def check_global(self, teacher_strides) -> None:
-        check_global_settings(self.global_branch, self.global_levels, teacher_strides,
-                              self.score_fusion, self.score_normalization)
-
-    def teacher_strides(self, map_levels) -> tuple[int, ...]:
-        """The strides the teacher must compute: the map's and, with the branch on, the global
-        branch's."""
-        extra = tuple(self.global_levels) if self.global_branch else ()
-        return tuple(sorted(set(map_levels) | set(extra)))
-
-
-def check_global_settings(global_branch, global_levels, teacher_strides, score_fusion,
-                          score_normalization) -> None:
-    """ValueError naming the setting when a global-branch setting is unusable."""
-    if not isinstance(global_branch, bool):
-        raise ValueError(f"global_branch: must be true or false, got {global_branch!r}")
-    levels = tuple(global_levels)
-    if global_branch:
-        if not levels or list(levels) != sorted(set(levels)) or \
-                any(s not in teacher_strides for s in levels):
-            raise ValueError(f"global_levels: strides must be increasing, from "
-                             f"{sorted(teacher_strides)}; got {list(levels)}")
-    if score_fusion not in FUSION_RULES:
-        raise ValueError(f"score_fusion: must be one of {', '.join(FUSION_RULES)}, got {score_fusion!r}")
-    if score_normalization not in NORMALIZATIONS:
-        raise ValueError(f"score_normalization: must be one of {', '.join(NORMALIZATIONS)}, "
-                         f"got {score_normalization!r}")
 
 
 def pooled(features: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

@@ -20,32 +20,15 @@ the fp16 / int8 graphs by ``Method.fp32_modules``).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .global_score import GlobalGaussian, ScoreFusion
+from .settings import kernel_radius, parse_image_score
 
 TRT_TOPK_LIMIT = 3840
-MAP_SIGMA = 2.0     # default map smoothing of the pretrained-feature methods, pixels
 _BIG = 3.0e38
-
-
-def parse_image_score(rule: str) -> tuple[str, float]:
-    """('max', 0) or ('topk', fraction); ValueError naming the rule otherwise."""
-    if rule == "max":
-        return "max", 0.0
-    if isinstance(rule, str) and rule.startswith("topk:"):
-        try:
-            fraction = float(rule.split(":", 1)[1])
-        except ValueError:
-            fraction = -1.0
-        if 0.0 < fraction <= 1.0:
-            return "topk", fraction
-    raise ValueError(f"image score rule {rule!r}: use 'max' or 'topk:F' with 0 < F <= 1 "
-                     "(mean of the top F of the map's pixels)")
 
 
 def topk_count(fraction: float, height: int, width: int) -> int:
@@ -83,27 +66,12 @@ def image_score(amap: torch.Tensor, rule: str, valid: torch.Tensor | None = None
     return torch.where(real, top, torch.zeros_like(top)).sum(dim=1) / real.sum(dim=1).clamp_min(1)
 
 
-def kernel_radius(sigma: float) -> int:
-    """⌈4σ⌉, at least 1 (scipy.ndimage's default truncation)."""
-    return max(1, math.ceil(4.0 * sigma))
-
-
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     """Normalised 1-D Gaussian of radius ``kernel_radius(sigma)``."""
     radius = kernel_radius(sigma)
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return (k / k.sum()).float()
-
-
-def check_map_sigma(sigma: float, input_size) -> None:
-    """ValueError naming ``map_sigma`` unless 0 ≤ σ and the kernel fits the input."""
-    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not math.isfinite(sigma) \
-            or sigma < 0:
-        raise ValueError(f"map_sigma: must be a number >= 0 (pixels; 0 = no smoothing), got {sigma!r}")
-    if sigma > 0 and 2 * kernel_radius(sigma) + 1 > min(input_size):
-        raise ValueError(f"map_sigma: {sigma} px needs a {2 * kernel_radius(sigma) + 1}-pixel kernel, "
-                         f"larger than the input {tuple(input_size)}")
 
 
 class MapSmoothing(nn.Module):

@@ -17,44 +17,16 @@ only, each mapping the image to the teacher's feature shape.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import register
-from ..base import ConfigMixin, FitContext, Method, nchw, train_epochs
-from ..common.backbones import BACKBONES, PRETRAINED, check_backbone, FeaturePyramid, describe_weights
-from ..common.global_score import GlobalBranchSettings
-from ..common.scoring import MAP_SIGMA, AnomalyModel, check_map_sigma, parse_image_score
-
-
-@dataclass
-class ResNetStudentsConfig(GlobalBranchSettings):
-    backbone: str = "efficientnet-lite0"            # resnet18 with a local weights file: the study's
-    num_students: int = 3
-    student_channels: tuple[int, ...] = (32, 64, 128)
-    normalization: str = "validation"               # or "per_image" (the study's; no image score)
-    input_size: tuple[int, int] = (256, 256)        # the study: 512 x 512
-    image_score: str = "max"
-    resize: str = "area_or_linear"
-    map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
-
-    # bundles from before map smoothing / the global branch
-    STORED_DEFAULTS: ClassVar[dict] = {**GlobalBranchSettings.STORED_DEFAULTS, "map_sigma": 0.0}
-
-    def __post_init__(self):
-        parse_image_score(self.image_score)
-        check_map_sigma(self.map_sigma, self.input_size)
-        check_backbone(self.backbone, (4,))
-        self.check_global(BACKBONES[self.backbone][0])
-        if self.normalization not in ("validation", "per_image"):
-            raise ValueError(f"normalization must be 'validation' or 'per_image', got {self.normalization!r}")
-        if self.num_students < 1:
-            raise ValueError(f"--students: must be at least 1, got {self.num_students}")
+from ..base import FitContext
+from ..common.backbones import PRETRAINED, FeaturePyramid, describe_weights
+from ..common.scoring import AnomalyModel
+from ..common.training import Stage, TrainingLoop, augment_batch, nchw
+from . import ResNetStudentsConfig
 
 
 def conv_student(out_channels: int, channels: tuple[int, ...]) -> nn.Sequential:
@@ -113,45 +85,38 @@ class ResNetStudents(AnomalyModel):
         return (raw - lo) / (hi - lo)
 
 
-@register
-class ResNetStudentsMethod(Method):
-    name = "resnet_students"
-    title = "ResNet-18 teacher (first stage) and three small CNN students, squared-error map"
-    paper = "the ResNet-18 teacher / CNN-students study (reference documents)"
-    default_backbone = "efficientnet-lite0 (stride-4 stage); resnet18 with a local weights file"
-    config_cls = ResNetStudentsConfig
-    defaults = {"epochs": 8, "batch_size": 8, "lr": 1e-3, "augment": "flip"}
-    option_names = ("backbone_weights", "augment")
+def fit_students(model: ResNetStudents, images: np.ndarray, ctx: FitContext, options: dict) -> list[dict]:
+    """One stage: Adam on the students, the summed mean squared errors to the teacher."""
+    weights = options["backbone_weights"] or PRETRAINED
+    ctx.provenance["backbone"] = describe_weights(model.config.backbone, weights)
+    model.teacher.load_state_dict(
+        FeaturePyramid(model.config.backbone, model.teacher.strides, weights=weights).state_dict())
+    device = torch.device(ctx.device)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.students.parameters(), lr=ctx.lr)
+    loop = TrainingLoop(ctx, model, "ResNetStudents", {"students": optimizer}, frozen=("teacher.",))
 
-    def build(self, config: ResNetStudentsConfig) -> ResNetStudents:
-        return ResNetStudents(config)
+    def step(batch, _):
+        x = augment_batch(model.normalize_input(batch.to(device)), options["augment"], loop.generator)
+        return model.squared_differences(x).mean(dim=(1, 2, 3, 4)).sum()
 
-    def fit(self, model: ResNetStudents, images: np.ndarray, ctx: FitContext) -> list[dict]:
-        weights = ctx.options.get("backbone_weights") or PRETRAINED
-        ctx.provenance["backbone"] = describe_weights(model.config.backbone, weights)
-        model.teacher.load_state_dict(
-            FeaturePyramid(model.config.backbone, model.teacher.strides, weights=weights).state_dict())
-        model.to(torch.device(ctx.device))
-        optimizer = torch.optim.Adam(model.students.parameters(), lr=ctx.lr)
-        history = train_epochs(
-            model, nchw(images), ctx, {"students": optimizer},
-            lambda x: model.squared_differences(x).mean(dim=(1, 2, 3, 4)).sum(), "students",
-            augment=ctx.options.get("augment", self.defaults["augment"]))
-        model.eval()
-        return history
+    history = loop.run(nchw(images), [Stage("students", ctx.epochs, step, ("students",))])
+    model.eval()
+    return history
 
-    @torch.no_grad()
-    def calibrate(self, model: ResNetStudents, images, boxes, device) -> dict:
-        """Min and max of the raw map over the validation good images' (valid) pixels."""
-        model.eval().to(device)
-        lo, hi = float("inf"), float("-inf")
-        for start in range(0, len(images), 4):
-            raw = model.raw_map(model.normalize_input(images[start:start + 4].to(device)))
-            if boxes is not None:
-                valid = model.valid_mask(boxes[start:start + 4].to(device))
-                lo = min(lo, float(raw[valid].min()))
-                hi = max(hi, float(raw[valid].max()))
-            else:
-                lo, hi = min(lo, float(raw.min())), max(hi, float(raw.max()))
-        model.map_range.copy_(torch.tensor([lo, max(hi, lo + 1e-12)]))
-        return {"map_min": lo, "map_max": hi, "rule": "min and max over validation good pixels"}
+
+@torch.no_grad()
+def fit_map_range(model: ResNetStudents, images, boxes, device) -> dict:
+    """Min and max of the raw map over the validation good images' (valid) pixels."""
+    model.eval().to(device)
+    lo, hi = float("inf"), float("-inf")
+    for start in range(0, len(images), 4):
+        raw = model.raw_map(model.normalize_input(images[start:start + 4].to(device)))
+        if boxes is not None:
+            valid = model.valid_mask(boxes[start:start + 4].to(device))
+            lo = min(lo, float(raw[valid].min()))
+            hi = max(hi, float(raw[valid].max()))
+        else:
+            lo, hi = min(lo, float(raw.min())), max(hi, float(raw.max()))
+    model.map_range.copy_(torch.tensor([lo, max(hi, lo + 1e-12)]))
+    return {"map_min": lo, "map_max": hi, "rule": "min and max over validation good pixels"}

@@ -57,53 +57,22 @@ flatten the small normal-region values to zero.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import ClassVar
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import register
-from ..base import (ConfigMixin, EpochLoop, FitContext, Method, MethodConfigError, batches_of, nchw,
-                    timed_entry, training_config)
+from ..base import FitContext, MethodConfigError
 from ..common.backbones import (BACKBONES, PRETRAINED, FeatureInfo, FeaturePyramid,
                                 describe_weights, recompute_batchnorm_statistics)
-from ..common.global_score import GlobalBranchSettings
-from ..common.scoring import MAP_SIGMA, AnomalyModel, check_map_sigma, parse_image_score
+from ..common.scoring import AnomalyModel
+from ..common.training import Stage, TrainingLoop, batches_of, nchw
+from ..stfpm.method import level_distance
+from . import LEVELS, TEACHER2_CHOICES, RSTPMConfig  # noqa: F401
 
-LEVELS = (4, 8, 16)
-TEACHER2_CHOICES = ("efficientnet-lite0", "resnet18", "resnet50")
 # EfficientNet-Lite0 blocks that start each resolution (pair 1 taps the stage ends 2 / 4 / 10)
 _EFFICIENTNET_STAGE_START = {4: 1, 8: 3, 16: 5}
 _EFFICIENTNET_STAGE_START_CHANNELS = {4: 24, 8: 40, 16: 80}
-
-
-@dataclass
-class RSTPMConfig(GlobalBranchSettings):
-    backbone: str = "efficientnet-lite0"           # teacher 1 / student 1
-    teacher2: str = "efficientnet-lite0"           # stage-start taps offline; resnet50: the paper's
-    recon_channels: tuple[int, ...] = (128, 64, 32)  # student 2's widths at strides 16, 8, 4
-    disc_channels: tuple[int, ...] = (16, 32, 64)  # discriminator U-Net widths (3 poolings)
-    input_size: tuple[int, int] = (256, 256)
-    image_score: str = "max"
-    resize: str = "area_or_linear"
-    map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
-
-    # bundles from before map smoothing / the global branch
-    STORED_DEFAULTS: ClassVar[dict] = {**GlobalBranchSettings.STORED_DEFAULTS, "map_sigma": 0.0}
-
-    def __post_init__(self):
-        parse_image_score(self.image_score)
-        check_map_sigma(self.map_sigma, self.input_size)
-        self.check_global(LEVELS + (32,))              # teacher 1's strides
-        if self.teacher2 not in TEACHER2_CHOICES:
-            raise MethodConfigError(f"teacher2: must be one of {', '.join(TEACHER2_CHOICES)}, "
-                                    f"got {self.teacher2!r}")
-        if len(self.recon_channels) != 3 or len(self.disc_channels) != 3:
-            raise MethodConfigError("recon_channels and disc_channels: three widths each")
 
 
 # --- networks ------------------------------------------------------------------------------------
@@ -153,11 +122,6 @@ class ReconstructionStudent(nn.Module):
             h = h * attention
             out.append(self.heads[i](h))
         return out[::-1]
-
-
-def level_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """½‖t/‖t‖ − s/‖s‖‖² over channels: N×C×h×w → N×1×h×w."""
-    return 0.5 * ((F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2).sum(1, keepdim=True)
 
 
 class DistanceMaps(nn.Module):
@@ -310,13 +274,13 @@ class _StudentsPass(nn.Module):
         return self.student1(x), self.student2(t1[3], t2)
 
 
-def load_teachers(model: RSTPM, ctx: FitContext) -> None:
+def load_teachers(model: RSTPM, ctx: FitContext, options: dict) -> None:
     config = model.config
-    weights1 = ctx.options.get("backbone_weights") or PRETRAINED
+    weights1 = options["backbone_weights"] or PRETRAINED
     ctx.provenance["backbone"] = describe_weights(config.backbone, weights1)
     model.teacher1.load_state_dict(
         FeaturePyramid(config.backbone, LEVELS + (32,), weights=weights1).state_dict())
-    weights2 = ctx.options.get("teacher2_weights") or PRETRAINED
+    weights2 = options["teacher2_weights"] or PRETRAINED
     if BACKBONES[config.teacher2][3] and weights2 == PRETRAINED:
         raise MethodConfigError(f"teacher2_weights: teacher2={config.teacher2} needs a local weights "
                                 "file (e.g. torchvision's resnet50-*.pth); none is downloaded")
@@ -342,113 +306,79 @@ def pseudo_anomalous_batch(images: np.ndarray, generator, rng: np.random.Generat
     return out, masks
 
 
-@register
-class RSTPMMethod(Method):
-    name = "rstpm"
-    title = ("RSTPM: STPM pair + feature-reconstruction pair with attention and a different teacher, "
-             "discriminative U-Net on pseudo-anomalies")
-    paper = "Yamada, Kamiya, Hotta, 2022 (arXiv:2210.07548)"
-    default_backbone = "efficientnet-lite0 (teacher 2: its stage-start blocks; resnet50 with a file)"
-    config_cls = RSTPMConfig
-    defaults = {"epochs": 3, "batch_size": 16, "lr": 0.4, "disc_epochs": 3, "disc_lr": 1e-4}
-    option_names = ("backbone_weights", "teacher2_weights", "momentum", "weight_decay",
-                    "disc_epochs", "disc_lr", "anomaly_source", "p_anomaly")
+def rstpm_parts(model: RSTPM, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    size = tuple(x.shape[-2:])
+    feats = model.features(x)
+    omega = model.maps.omegas(*feats)
+    sums = [omega[i] + omega[i + 3] for i in range(3)]
+    up = {f"s{s}": F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+          for s, m in zip(LEVELS, sums)}
+    product = product_map(sums, size)
+    logits = model.discriminator(stack_on_grid(sums))
+    d = torch.sigmoid(F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
+    return {**up, "pair1": product_map(omega[:3], size), "pair2": product_map(omega[3:], size),
+            "st_product": product, "discriminator": d}
 
-    def build(self, config: RSTPMConfig) -> RSTPM:
-        return RSTPM(config)
 
-    def fp32_modules(self, config) -> tuple[str, ...]:
-        return super().fp32_modules(config) + ("maps", "discriminator.inc")
+def fit_rstpm(model: RSTPM, images: np.ndarray, ctx: FitContext, options: dict) -> list[dict]:
+    """Two stages: the two student pairs (SGD), then the discriminator on pseudo-anomalies (Adam)
+    with the students frozen."""
+    from ..common.perlin import PseudoAnomalies, anomaly_source_files
 
-    def parts(self, model: RSTPM, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        size = tuple(x.shape[-2:])
-        feats = model.features(x)
-        omega = model.maps.omegas(*feats)
-        sums = [omega[i] + omega[i + 3] for i in range(3)]
-        up = {f"s{s}": F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-              for s, m in zip(LEVELS, sums)}
-        product = product_map(sums, size)
-        logits = model.discriminator(stack_on_grid(sums))
-        d = torch.sigmoid(F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
-        return {**up, "pair1": product_map(omega[:3], size), "pair2": product_map(omega[3:], size),
-                "st_product": product, "discriminator": d}
+    disc_epochs, disc_lr, p_anomaly = options["disc_epochs"], options["disc_lr"], options["p_anomaly"]
+    device = torch.device(ctx.device)
+    load_teachers(model, ctx, options)
+    sources, described = anomaly_source_files(options["anomaly_source"])
+    ctx.provenance["pseudo_anomalies"] = {"source": described, "images": len(sources),
+                                          "p_anomaly": p_anomaly}
+    model.to(device)
+    data = nchw(images)
+    students = list(model.student1.parameters()) + list(model.student2.parameters())
+    sgd = torch.optim.SGD(students, lr=ctx.lr, momentum=options["momentum"],
+                          weight_decay=options["weight_decay"])
+    adam = torch.optim.Adam(model.discriminator.parameters(), lr=disc_lr)
+    loop = TrainingLoop(ctx, model, "RSTPM", {"students": sgd, "discriminator": adam},
+                        frozen=("teacher1.",))
+    pseudo = {}
 
-    def fit(self, model: RSTPM, images: np.ndarray, ctx: FitContext) -> list[dict]:
-        from tqdm.auto import tqdm
-        from ..common.perlin import PseudoAnomalies, anomaly_source_files
+    def students_mode(_):
+        model.train()
+        model.discriminator.eval()
 
-        opts = ctx.options
-        disc_epochs = int(opts.get("disc_epochs", self.defaults["disc_epochs"]))
-        disc_lr = float(opts.get("disc_lr", self.defaults["disc_lr"]))
-        p_anomaly = float(opts.get("p_anomaly", 0.5))
-        if disc_epochs < 0:
-            raise MethodConfigError(f"disc_epochs: must be >= 0, got {disc_epochs}")
-        device = torch.device(ctx.device)
-        load_teachers(model, ctx)
-        sources, described = anomaly_source_files(opts.get("anomaly_source"))
-        ctx.provenance["pseudo_anomalies"] = {"source": described, "images": len(sources),
-                                              "p_anomaly": p_anomaly}
-        model.to(device)
-        data = nchw(images)
-        generator = torch.Generator().manual_seed(ctx.seed)
-        students = list(model.student1.parameters()) + list(model.student2.parameters())
-        sgd = torch.optim.SGD(students, lr=ctx.lr, momentum=float(opts.get("momentum", 0.9)),
-                              weight_decay=float(opts.get("weight_decay", 1e-4)))
-        adam = torch.optim.Adam(model.discriminator.parameters(), lr=disc_lr)
-        loop = EpochLoop(ctx, model, {"students": sgd, "discriminator": adam}, generator,
-                         kind="RSTPM", config=training_config(model.config))
-        total = ctx.epochs + disc_epochs
-        steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
-        bar = tqdm(total=total * steps, initial=loop.start_epoch * steps, disable=not ctx.progress,
-                   desc="rstpm", dynamic_ncols=True)
-        for epoch in range(loop.start_epoch, total):
-            started, losses = time.time(), []
-            order = torch.randperm(len(data), generator=generator)
-            if epoch < ctx.epochs:                               # stage 1: the two pairs
-                model.train()
-                model.discriminator.eval()
-                for batch in batches_of(data, ctx.batch_size, order):
-                    x = model.normalize_input(batch.to(device))
-                    loss = sum(m.mean() for m in model.maps.omegas(*model.features(x)))
-                    sgd.zero_grad(set_to_none=True)
-                    loss.backward()
-                    sgd.step()
-                    losses.append(float(loss.detach()))
-                    bar.update(1)
-                extra = {"stage": "students"}
-                if epoch + 1 == ctx.epochs:
-                    self._recompute_batchnorm(model, data, device, ctx)
-            else:                                               # stage 2: the discriminator
-                model.eval()
-                model.discriminator.train()
-                pseudo = PseudoAnomalies(sources, seed=ctx.seed * 100_003 + epoch)
-                rng = np.random.default_rng(ctx.seed * 100_003 + epoch)
-                for index in batches_of(torch.arange(len(data)), ctx.batch_size, order):
-                    batch, masks = pseudo_anomalous_batch(images[index.numpy()], pseudo, rng, p_anomaly)
-                    x = model.normalize_input(nchw(batch).to(device))
-                    with torch.no_grad():
-                        sums, _ = model.st_maps(x)
-                    target = mask_on_grid(torch.from_numpy(masks)[:, None], tuple(sums.shape[-2:]))
-                    loss = focal_loss(model.discriminator(sums), target.to(device))
-                    adam.zero_grad(set_to_none=True)
-                    loss.backward()
-                    adam.step()
-                    losses.append(float(loss.detach()))
-                    bar.update(1)
-                extra = {"stage": "discriminator"}
-            loop.save(epoch + 1, timed_entry(epoch + 1, losses, started, **extra))
-            bar.set_postfix(loss=f"{loop.history[-1]['loss']:.4f}")
-        bar.close()
-        if 0 < ctx.epochs <= loop.start_epoch:
-            ctx.provenance["batchnorm_recomputed"] = "before the checkpoint this run resumed from"
-        ctx.provenance["discriminator"] = {"epochs": disc_epochs, "lr": disc_lr, "loss": "focal, gamma 2"}
-        model.eval()
-        return loop.history
+    def students_step(batch, _):
+        x = model.normalize_input(batch.to(device))
+        return sum(m.mean() for m in model.maps.omegas(*model.features(x)))
 
-    @staticmethod
-    def _recompute_batchnorm(model: RSTPM, data: torch.Tensor, device, ctx: FitContext) -> None:
+    def recompute_batchnorm():
         model.eval()
         layers = recompute_batchnorm_statistics(
             _StudentsPass(model), (model.normalize_input(b.to(device)) for b in batches_of(data, 16)),
             device)
         ctx.provenance["batchnorm_recomputed"] = {"layers": layers, "images": int(len(data))}
+
+    def discriminator_mode(k):
+        model.eval()
+        model.discriminator.train()
+        seed = ctx.seed * 100_003 + ctx.epochs + k        # the epoch's index in the run
+        pseudo["generator"] = PseudoAnomalies(sources, seed=seed)
+        pseudo["rng"] = np.random.default_rng(seed)
+
+    def discriminator_step(_, index):
+        batch, masks = pseudo_anomalous_batch(images[index.numpy()], pseudo["generator"],
+                                              pseudo["rng"], p_anomaly)
+        x = model.normalize_input(nchw(batch).to(device))
+        with torch.no_grad():
+            sums, _ = model.st_maps(x)
+        target = mask_on_grid(torch.from_numpy(masks)[:, None], tuple(sums.shape[-2:]))
+        return focal_loss(model.discriminator(sums), target.to(device))
+
+    history = loop.run(data, [
+        Stage("students", ctx.epochs, students_step, ("students",), start_epoch=students_mode,
+              finish=recompute_batchnorm),
+        Stage("discriminator", disc_epochs, discriminator_step, ("discriminator",),
+              start_epoch=discriminator_mode)])
+    if ctx.epochs > 0 and "batchnorm_recomputed" not in ctx.provenance:
+        ctx.provenance["batchnorm_recomputed"] = "before the checkpoint this run resumed from"
+    ctx.provenance["discriminator"] = {"epochs": disc_epochs, "lr": disc_lr, "loss": "focal, gamma 2"}
+    model.eval()
+    return history

@@ -1,3 +1,32 @@
 """STFPM / STPM (Wang, Wu, Cui, Sun, Xu: "Student-Teacher Feature Pyramid Matching for Anomaly
-Detection", BMVC 2021). See method.py."""
-from .method import STFPM, STFPMConfig, STFPMMethod  # noqa: F401
+Detection", BMVC 2021): the declaration (config, options, defaults). The model and its training
+are in method.py, imported when a model is built."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import register
+from ..base import Method
+from ..common.settings import (BACKBONE_WEIGHTS, MOMENTUM, WEIGHT_DECAY, PretrainedFeatureConfig,
+                               augment_option)
+
+
+@dataclass
+class STFPMConfig(PretrainedFeatureConfig):
+    levels: tuple[int, ...] = (4, 8, 16)          # network strides of the matched stages
+    image_score: str = "topk:0.01"                 # see methods/common/scoring.py
+
+
+@register
+class STFPMMethod(Method):
+    name = "stfpm"
+    title = "STFPM: pretrained CNN teacher, same-architecture student, feature-pyramid matching"
+    paper = "Wang et al., BMVC 2021"
+    default_backbone = "efficientnet-lite0"
+    config_cls = STFPMConfig
+    defaults = {"epochs": 30, "batch_size": 16, "lr": 0.4}
+    options = (BACKBONE_WEIGHTS, MOMENTUM, WEIGHT_DECAY, augment_option("none"))
+    model_class, train_function, parts_function = ".method:STFPM", ".method:fit_student", ".method:level_parts"
+
+    def tiny(self, workdir):
+        return {"settings": {"input_size": (64, 64)}, "options": {}, "lr": 0.1}

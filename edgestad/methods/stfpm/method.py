@@ -15,38 +15,15 @@ initialisation (student) to match the teacher's feature pyramid on good images.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..base import ConfigMixin, FitContext, Method, batches_of, nchw, train_epochs
-from ..common.backbones import (BACKBONES, PRETRAINED, FeaturePyramid, check_backbone, describe_weights,
-                                recompute_batchnorm_statistics)
-from ..common.global_score import GlobalBranchSettings
-from ..common.scoring import MAP_SIGMA, AnomalyModel, check_map_sigma, parse_image_score
-from .. import register
-
-
-@dataclass
-class STFPMConfig(GlobalBranchSettings):
-    backbone: str = "efficientnet-lite0"
-    levels: tuple[int, ...] = (4, 8, 16)          # network strides of the matched stages
-    input_size: tuple[int, int] = (256, 256)       # (height, width)
-    image_score: str = "topk:0.01"                 # see methods/common/scoring.py
-    resize: str = "area_or_linear"                 # or "letterbox"
-    map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
-
-    # bundles from before map smoothing / the global branch
-    STORED_DEFAULTS: ClassVar[dict] = {**GlobalBranchSettings.STORED_DEFAULTS, "map_sigma": 0.0}
-
-    def __post_init__(self):
-        parse_image_score(self.image_score)
-        check_backbone(self.backbone, tuple(self.levels))
-        check_map_sigma(self.map_sigma, self.input_size)
-        self.check_global(BACKBONES[self.backbone][0])
+from ..base import FitContext
+from ..common.backbones import PRETRAINED, FeaturePyramid, describe_weights, recompute_batchnorm_statistics
+from ..common.scoring import AnomalyModel
+from ..common.training import Stage, TrainingLoop, augment_batch, batches_of, nchw
+from . import STFPMConfig  # noqa: F401  (the config lives with the declaration)
 
 
 def level_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -107,47 +84,31 @@ class STFPM(AnomalyModel):
         return amap, [teacher[s] for s in self.config.global_levels]
 
 
-@register
-class STFPMMethod(Method):
-    name = "stfpm"
-    title = "STFPM: pretrained CNN teacher, same-architecture student, feature-pyramid matching"
-    paper = "Wang et al., BMVC 2021"
-    default_backbone = "efficientnet-lite0"
-    config_cls = STFPMConfig
-    defaults = {"epochs": 30, "batch_size": 16, "lr": 0.4}
-    option_names = ("backbone_weights", "momentum", "weight_decay", "augment")
-
-    def build(self, config: STFPMConfig) -> STFPM:
-        return STFPM(config)
-
-    def parts(self, model: STFPM, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return level_parts(model, x)
-
-    def fit(self, model: STFPM, images: np.ndarray, ctx: FitContext) -> list[dict]:
-        return fit_student(model, images, ctx)
-
-
-def load_pretrained_teacher(model, ctx: FitContext) -> None:
+def load_pretrained_teacher(model, ctx: FitContext, options: dict) -> None:
     """Teacher weights from the backbone's own offline weights or the user's file; recorded."""
     config = model.config
-    weights = ctx.options.get("backbone_weights") or PRETRAINED
+    weights = options["backbone_weights"] or PRETRAINED
     ctx.provenance["backbone"] = describe_weights(config.backbone, weights)
     pretrained = FeaturePyramid(config.backbone, model.teacher.strides, weights=weights)
     model.teacher.load_state_dict(pretrained.state_dict())
 
 
-def fit_student(model: STFPM, images: np.ndarray, ctx: FitContext) -> list[dict]:
-    """The STFPM loop (also used by methods whose student is trained the same way)."""
+def fit_student(model: STFPM, images: np.ndarray, ctx: FitContext, options: dict) -> list[dict]:
+    """The STFPM loop (also used by methods whose student is trained the same way): one stage,
+    SGD on the student, the mean of the level maps as the loss."""
     device = torch.device(ctx.device)
-    load_pretrained_teacher(model, ctx)
+    load_pretrained_teacher(model, ctx, options)
     model.to(device)
     data = nchw(images)
-    optimizer = torch.optim.SGD(model.student.parameters(), lr=ctx.lr,
-                                momentum=float(ctx.options.get("momentum", 0.9)),
-                                weight_decay=float(ctx.options.get("weight_decay", 1e-4)))
-    history = train_epochs(model, data, ctx, {"student": optimizer},
-                           lambda x: sum(m.mean() for m in model.level_maps(x)), "student",
-                           augment=ctx.options.get("augment", "none"))
+    optimizer = torch.optim.SGD(model.student.parameters(), lr=ctx.lr, momentum=options["momentum"],
+                                weight_decay=options["weight_decay"])
+    loop = TrainingLoop(ctx, model, type(model).__name__, {"student": optimizer}, frozen=("teacher.",))
+
+    def step(batch, _):
+        x = augment_batch(model.normalize_input(batch.to(device)), options["augment"], loop.generator)
+        return sum(m.mean() for m in model.level_maps(x))
+
+    history = loop.run(data, [Stage("student", ctx.epochs, step, ("student",))])
     layers = recompute_batchnorm_statistics(
         model.student, (model.normalize_input(b.to(device)) for b in batches_of(data, 16)), device)
     ctx.provenance["batchnorm_recomputed"] = {"layers": layers, "images": int(len(data))}

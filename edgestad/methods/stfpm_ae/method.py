@@ -32,43 +32,18 @@ trains 100 epochs: ``--epochs 100`` gives it, with the AEs frozen for 5.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import ClassVar
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import register
-from ..base import (ConfigMixin, EpochLoop, FitContext, Method, MethodConfigError, batches_of, nchw,
-                    timed_entry, training_config)
-from ..common.backbones import BACKBONES, recompute_batchnorm_statistics
-from ..common.global_score import GlobalBranchSettings
-from ..common.scoring import MAP_SIGMA, check_map_sigma, parse_image_score
-from ..stfpm.method import STFPM, level_distance, level_parts, load_pretrained_teacher
+from ..base import FitContext, MethodConfigError
+from ..common.backbones import recompute_batchnorm_statistics
+from ..common.training import Stage, TrainingLoop, batches_of, nchw
+from ..stfpm.method import STFPM, level_distance, load_pretrained_teacher
+from . import ALPHA, STFPMAEConfig
 
 POOLINGS = 3
-ALPHA = 1e-7
-
-
-@dataclass
-class STFPMAEConfig(GlobalBranchSettings):
-    backbone: str = "efficientnet-lite0"
-    levels: tuple[int, ...] = (4, 8, 16)
-    input_size: tuple[int, int] = (256, 256)
-    image_score: str = "max"
-    resize: str = "area_or_linear"
-    map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
-
-    # bundles from before map smoothing / the global branch
-    STORED_DEFAULTS: ClassVar[dict] = {**GlobalBranchSettings.STORED_DEFAULTS, "map_sigma": 0.0}
-
-    def __post_init__(self):
-        parse_image_score(self.image_score)
-        check_map_sigma(self.map_sigma, self.input_size)
-        self.check_global(BACKBONES[self.backbone][0])
 
 
 def _convs(cin: int, cout: int) -> nn.Sequential:
@@ -149,90 +124,52 @@ def frozen_epochs(epochs: int, options: dict) -> int:
     return max(1, int(0.05 * epochs + 0.5)) if epochs >= 2 else 0
 
 
-@register
-class STFPMAEMethod(Method):
-    name = "stfpm_ae"
-    title = "STFPM with a U-Net auto-encoder after each student level (reconstructed student features)"
-    paper = "STFPM (Wang et al., BMVC 2021) with per-level feature auto-encoders"
-    default_backbone = "efficientnet-lite0"
-    config_cls = STFPMAEConfig
-    defaults = {"epochs": 10, "batch_size": 16, "lr": 0.4, "ae_lr": 0.04, "ae_pretrain_epochs": 2}
-    option_names = ("backbone_weights", "momentum", "weight_decay", "ae_lr", "ae_pretrain_epochs",
-                    "ae_frozen_epochs", "clip_norm", "alpha")
+def fit_stfpm_ae(model: STFPMAE, images: np.ndarray, ctx: FitContext, options: dict) -> list[dict]:
+    """Two stages: the auto-encoders pretrained on the teacher's features (Adam), then student
+    and auto-encoders jointly (SGD), the auto-encoders frozen for its first epochs."""
+    pre_epochs = options["ae_pretrain_epochs"]
+    # default: the reference's 0.04 at the student's 0.4, scaled with the student's lr
+    ae_lr = options["ae_lr"] if options["ae_lr"] is not None else ctx.lr * 0.04 / 0.4
+    frozen = frozen_epochs(ctx.epochs, options)
+    clip, alpha = options["clip_norm"], options["alpha"]
+    device = torch.device(ctx.device)
+    load_pretrained_teacher(model, ctx, options)
+    model.to(device)
+    data = nchw(images)
+    adam = torch.optim.Adam(model.autoencoders.parameters(), lr=1e-3)
+    sgd = torch.optim.SGD([
+        {"params": list(model.student.parameters()), "lr": ctx.lr},
+        {"params": list(model.autoencoders.parameters()), "lr": ae_lr}],
+        momentum=options["momentum"], weight_decay=options["weight_decay"])
+    loop = TrainingLoop(ctx, model, "STFPMAE", {"ae_pretrain": adam, "joint": sgd},
+                        frozen=("teacher.",))
+    trainable = list(model.student.parameters()) + list(model.autoencoders.parameters())
 
-    def build(self, config: STFPMAEConfig) -> STFPMAE:
-        return STFPMAE(config)
+    def pretrain(batch, _):                      # AE pretraining on teacher features
+        x = model.normalize_input(batch.to(device))
+        with torch.no_grad():
+            t = [model.teacher_levels(x)[stride] for stride in model.config.levels]
+        return sum(F.mse_loss(ae(f), f) for ae, f in zip(model.autoencoders, t))
 
-    def parts(self, model: STFPMAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return level_parts(model, x)
+    def joint(batch, _):
+        recon, match = joint_loss(*model.reconstructions(model.normalize_input(batch.to(device))),
+                                  alpha)
+        return recon + match
 
-    def fit(self, model: STFPMAE, images: np.ndarray, ctx: FitContext) -> list[dict]:
-        from tqdm.auto import tqdm
+    def freeze_and_clip(k):
+        if k < frozen:
+            for p in model.autoencoders.parameters():
+                p.grad = None
+        torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], clip)
 
-        opts = ctx.options
-        pre_epochs = int(opts.get("ae_pretrain_epochs", self.defaults["ae_pretrain_epochs"]))
-        ae_lr = float(opts.get("ae_lr", ctx.lr * self.defaults["ae_lr"] / self.defaults["lr"]))
-        frozen = frozen_epochs(ctx.epochs, opts)
-        clip = float(opts.get("clip_norm", 1.0))
-        alpha = float(opts.get("alpha", ALPHA))
-        if pre_epochs < 0 or frozen < 0:
-            raise MethodConfigError("ae_pretrain_epochs / ae_frozen_epochs: must be >= 0")
-        device = torch.device(ctx.device)
-        load_pretrained_teacher(model, ctx)
-        model.to(device)
-        data = nchw(images)
-        generator = torch.Generator().manual_seed(ctx.seed)
-        momentum = float(opts.get("momentum", 0.9))
-        weight_decay = float(opts.get("weight_decay", 1e-4))
-        adam = torch.optim.Adam(model.autoencoders.parameters(), lr=1e-3)
-        sgd = torch.optim.SGD([
-            {"params": list(model.student.parameters()), "lr": ctx.lr},
-            {"params": list(model.autoencoders.parameters()), "lr": ae_lr}],
-            momentum=momentum, weight_decay=weight_decay)
-        loop = EpochLoop(ctx, model, {"ae_pretrain": adam, "joint": sgd}, generator, kind="STFPMAE",
-                         config=training_config(model.config))
-        total = pre_epochs + ctx.epochs
-        steps = (len(data) + ctx.batch_size - 1) // ctx.batch_size
-        bar = tqdm(total=total * steps, initial=loop.start_epoch * steps, disable=not ctx.progress,
-                   desc="stfpm_ae", dynamic_ncols=True)
-        trainable = list(model.student.parameters()) + list(model.autoencoders.parameters())
-        for epoch in range(loop.start_epoch, total):
-            model.train()
-            started, losses = time.time(), []
-            order = torch.randperm(len(data), generator=generator)
-            joint_epoch = epoch - pre_epochs
-            for batch in batches_of(data, ctx.batch_size, order):
-                x = model.normalize_input(batch.to(device))
-                if joint_epoch < 0:                       # AE pretraining on teacher features
-                    with torch.no_grad():
-                        t = [model.teacher_levels(x)[stride] for stride in model.config.levels]
-                    loss = sum(F.mse_loss(ae(f), f) for ae, f in zip(model.autoencoders, t))
-                    adam.zero_grad(set_to_none=True)
-                    loss.backward()
-                    adam.step()
-                else:
-                    ae_frozen = joint_epoch < frozen
-                    t, s, r = model.reconstructions(x)
-                    recon, match = joint_loss(t, s, r, alpha)
-                    loss = recon + match
-                    sgd.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if ae_frozen:
-                        for p in model.autoencoders.parameters():
-                            p.grad = None
-                    torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], clip)
-                    sgd.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-            stage = "ae_pretrain" if joint_epoch < 0 else (
-                "joint (AEs frozen)" if joint_epoch < frozen else "joint")
-            loop.save(epoch + 1, timed_entry(epoch + 1, losses, started, stage=stage))
-            bar.set_postfix(loss=f"{loop.history[-1]['loss']:.4f}")
-        bar.close()
-        layers = recompute_batchnorm_statistics(
-            model.student, (model.normalize_input(b.to(device)) for b in batches_of(data, 16)), device)
-        ctx.provenance["batchnorm_recomputed"] = {"layers": layers, "images": int(len(data))}
-        ctx.provenance["autoencoders"] = {"pretrain_epochs": pre_epochs, "frozen_epochs": frozen,
-                                          "lr": ae_lr, "alpha": alpha, "clip_norm": clip}
-        model.eval()
-        return loop.history
+    history = loop.run(data, [
+        Stage("ae_pretrain", pre_epochs, pretrain, ("ae_pretrain",)),
+        Stage("joint", ctx.epochs, joint, ("joint",), after_backward=freeze_and_clip,
+              label=lambda k: "joint (AEs frozen)" if k < frozen else "joint")])
+    layers = recompute_batchnorm_statistics(
+        model.student, (model.normalize_input(b.to(device)) for b in batches_of(data, 16)), device)
+    ctx.provenance["batchnorm_recomputed"] = {"layers": layers, "images": int(len(data))}
+    ctx.provenance["autoencoders"] = {"pretrain_epochs": pre_epochs, "frozen_epochs": frozen,
+                                      "lr": ae_lr, "alpha": alpha, "clip_norm": clip}
+    model.eval()
+    return history

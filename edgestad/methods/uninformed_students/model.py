@@ -8,35 +8,14 @@ The letterbox mask and the image-score rule come from ``AnomalyModel`` (methods/
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..base import ConfigMixin
-from ..common.backbones import IMAGENET_MEAN, IMAGENET_STD
-from ..common.scoring import AnomalyModel, parse_image_score
+from ..common.scoring import AnomalyModel
+from . import UninformedStudentsConfig
 from .patchnet import PatchNet, num_poolings, samples_covering
-
-@dataclass
-class UninformedStudentsConfig(ConfigMixin):
-    """Hyper-parameters, named as in the paper (p, M, d) plus the cost levers."""
-    patch_sizes: tuple[int, ...] = (17, 33, 65)   # receptive fields p of the scales
-    num_students: int = 3                          # M
-    descriptor_dim: int = 128                      # d
-    width: int = 128                               # channels of the conv layers (paper: 128)
-    leaky_slope: float = 5e-3
-    dense_stride: int = 1                          # 1 = exact dense map; 2, 4, ... = sampled
-    padding_mode: str = "reflect"                  # image border handling of the dense map
-    input_size: tuple[int, int] = (256, 256)       # (height, width)
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    image_score: str = "max"                       # see methods/common/scoring.py
-    resize: str = "area_or_linear"                 # or "letterbox"
-
-    def __post_init__(self):
-        parse_image_score(self.image_score)
 
 
 def ensemble_error_and_variance(target: torch.Tensor, preds: torch.Tensor
@@ -136,3 +115,33 @@ class UninformedStudents(StudentTeacherScoring):
     def grid_shape(self, height: int, width: int) -> tuple[int, int]:
         s = self.config.dense_stride
         return samples_covering(height, s), samples_covering(width, s)
+
+
+def scale_parts(model: UninformedStudents, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"p17": map, ...}: each scale's normalised score upsampled to the input."""
+    h, w = x.shape[-2:]
+    return {f"p{p}": model.upsample(model.scale_score(x, p), h, w) for p in model.config.patch_sizes}
+
+
+@torch.no_grad()
+def fit_score_stats(model: UninformedStudents, images: torch.Tensor, boxes, device,
+                    batch_size: int = 4) -> dict:
+    """Mean and std of e and v over all (sampled) pixels of the validation good images (eq. 11;
+    a letterbox's padding included, as the statistics were defined)."""
+    model.eval().to(device)
+    stats = {}
+    for p in model.config.patch_sizes:
+        acc = np.zeros(4)          # sum e, sum e², sum v, sum v²
+        count = 0
+        for start in range(0, len(images), batch_size):
+            x = model.normalize_input(images[start:start + batch_size].to(device))
+            e, v = model.error_and_variance(x, p)
+            e, v = e.double(), v.double()
+            acc += [float(e.sum()), float((e ** 2).sum()), float(v.sum()), float((v ** 2).sum())]
+            count += e.numel()
+        e_mean, v_mean = acc[0] / count, acc[2] / count
+        e_std = max(np.sqrt(max(acc[1] / count - e_mean ** 2, 0.0)), 1e-12)
+        v_std = max(np.sqrt(max(acc[3] / count - v_mean ** 2, 0.0)), 1e-12)
+        getattr(model, f"score_stats_{p}").copy_(torch.tensor([e_mean, e_std, v_mean, v_std]))
+        stats[str(p)] = {"e_mean": e_mean, "e_std": e_std, "v_mean": v_mean, "v_std": v_std}
+    return stats

@@ -12,14 +12,12 @@ bias, at 4^k times less computation per step (k = number of poolings).
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgestad.train.checkpoint import load_checkpoint, save_checkpoint
-
+from ..base import FitContext
+from ..common.training import Stage, TrainingLoop, nchw
 from .model import UninformedStudents
 
 
@@ -52,85 +50,70 @@ def fit_descriptor_stats(model: UninformedStudents, images: torch.Tensor, device
         std_buf.copy_(std.view_as(std_buf).float())
 
 
-def train_students(model: UninformedStudents, images: np.ndarray, checkpoint_path, *,
-                   epochs: int = 100, batch_size: int = 1, lr: float = 1e-4,
-                   weight_decay: float = 1e-5, crop_size: int | None = None, device="cpu",
-                   seed: int = 0, progress: bool = True, log=None) -> list[dict]:
-    """Train every scale's students; resumable per epoch from ``checkpoint_path``.
+def fit_uninformed_students(model: UninformedStudents, images: np.ndarray, ctx: FitContext,
+                            options: dict) -> list[dict]:
+    """Load every scale's teacher (recorded in the provenance), then train the students."""
+    from edgestad.files import sha256_file
+    from .teachers import read_teacher_file, resolve_teachers
+    info = {}
+    for p, path in resolve_teachers(model.config.patch_sizes, options["teachers"]).items():
+        state, meta = read_teacher_file(path)
+        model.teachers[str(p)].load_state_dict(state)
+        model.teachers[str(p)].requires_grad_(False)
+        info[str(p)] = {"file": path.name, "sha256": sha256_file(path),
+                        "iterations": meta["iterations"],
+                        "pretrained_cnn": meta["pretrained_cnn"]["name"]}
+    ctx.provenance["teachers"] = info
+    return train_students(model, images, ctx, weight_decay=options["weight_decay"],
+                          crop_size=options["crop_size"])
+
+
+def train_students(model: UninformedStudents, images: np.ndarray, ctx: FitContext, *,
+                   weight_decay: float = 1e-5, crop_size: int | None = None) -> list[dict]:
+    """Train every scale's students, one stage per scale (``ctx.epochs`` each), resumable per
+    epoch from ``ctx.checkpoint``.
 
     images: N×H×W×3 uint8 training images (already resized). crop_size: side of the image region
-    each step sees (None = whole image).
-    """
-    from tqdm.auto import tqdm
-
-    device = torch.device(device)
+    each step sees (None = whole image)."""
+    device = torch.device(ctx.device)
     model.to(device)
-    data = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # N×3×H×W uint8
-    history: list[dict] = []
-    done: dict[str, int] = {}
-    generator = torch.Generator().manual_seed(seed)
-    state = None
-    if checkpoint_path is not None and checkpoint_path.exists():
-        # dense_stride only changes inference (students train on the strided T̂), so a run may
-        # resume with another one.
-        state = load_checkpoint(checkpoint_path, expect={"kind": "students",
-                                                          "config": _training_config(model)})
-        model.load_state_dict(state["model"])
-        history, done = state["history"], state["done"]
-        generator.set_state(state["rng"])
-    else:
-        fit_descriptor_stats(model, data, device)
+    data = nchw(images)
+    optimizers = {str(p): torch.optim.Adam(model.students[str(p)].parameters(), lr=ctx.lr,
+                                           weight_decay=weight_decay)
+                  for p in model.config.patch_sizes}
+    loop = TrainingLoop(ctx, model, "students", optimizers, upgrade=per_scale_checkpoint)
 
-    for p in model.config.patch_sizes:
-        students = model.students[str(p)]
-        teacher = model.teachers[str(p)].eval()
-        optimizer = torch.optim.Adam(students.parameters(), lr=lr, weight_decay=weight_decay)
-        first_epoch = done.get(str(p), 0)
-        if state is not None and state.get("optimizer_scale") == str(p):
-            optimizer.load_state_dict(state["optimizer"])
-        if first_epoch >= epochs:
-            continue
+    def scale(p: int) -> Stage:
+        students, teacher = model.students[str(p)], model.teachers[str(p)]
         mean, std = model.descriptor_stats(p)
         stride = 2 ** teacher.num_poolings
-        steps = (len(data) + batch_size - 1) // batch_size
-        bar = tqdm(total=epochs * steps, initial=first_epoch * steps, disable=not progress,
-                   desc=f"students p={p}", dynamic_ncols=True)
-        students.train()
-        for epoch in range(first_epoch, epochs):
-            start, losses = time.time(), []
-            order = torch.randperm(len(data), generator=generator)
-            for b in range(steps):
-                batch = data[order[b * batch_size:(b + 1) * batch_size]].to(device)
-                padded = _padded(model, batch, p)
-                region = _random_region(padded, p, stride, crop_size, generator)
-                with torch.no_grad():
-                    target = (teacher(region) - mean) / std
-                loss = sum(((s(region) - target) ** 2).sum(1).mean() for s in students)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()) / len(students))
-                bar.update(1)
-            entry = {"patch_size": p, "epoch": epoch + 1, "loss": float(np.mean(losses)),
-                     "seconds": round(time.time() - start, 2)}
-            history.append(entry)
-            bar.set_postfix(loss=f"{entry['loss']:.3f}")
-            if log:
-                log(entry)
-            done[str(p)] = epoch + 1
-            if checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, {
-                    "kind": "students", "config": _training_config(model),
-                    "model": model.state_dict(), "history": history, "done": done,
-                    "optimizer": optimizer.state_dict(), "optimizer_scale": str(p),
-                    "rng": generator.get_state()})
-        bar.close()
-        students.eval()
-    return history
+
+        def train_mode(_):
+            teacher.eval()
+            students.train()
+
+        def step(batch, _):
+            region = _random_region(_padded(model, batch.to(device), p), p, stride, crop_size,
+                                    loop.generator)
+            with torch.no_grad():
+                target = (teacher(region) - mean) / std
+            loss = sum(((s(region) - target) ** 2).sum(1).mean() for s in students)
+            return loss, float(loss.detach()) / len(students)
+
+        return Stage(str(p), ctx.epochs, step, (str(p),), start_epoch=train_mode,
+                     finish=students.eval, label=lambda _: f"students p={p}",
+                     extra={"patch_size": p}, desc=f"students p={p}")
+
+    return loop.run(data, [scale(p) for p in model.config.patch_sizes],
+                    fresh_start=lambda: fit_descriptor_stats(model, data, device))
 
 
-def _training_config(model: UninformedStudents) -> dict:
-    return {k: v for k, v in model.config.to_dict().items() if k != "dense_stride"}
+def per_scale_checkpoint(state: dict) -> dict:
+    """A checkpoint of the earlier per-scale loop (one optimizer, ``optimizer_scale``) in the
+    shared loop's form; the per-scale ``done`` keeps its meaning (stages are named by p)."""
+    if "optimizer" in state:
+        state = {**state, "optimizers": {state["optimizer_scale"]: state["optimizer"]}}
+    return state
 
 
 def _random_region(padded: torch.Tensor, p: int, stride: int, crop_size: int | None,

@@ -8,7 +8,6 @@ The paper's choice for MVTec AD is λ_k = 1, λ_m = 0, λ_c = 1 (our defaults).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,10 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgestad.train.checkpoint import load_checkpoint, save_checkpoint, save_safetensors
-
-from ..common.backbones import IMAGENET_MEAN, IMAGENET_STD
+from ..common.checkpoint import load_checkpoint, save_checkpoint
+from ..common.settings import IMAGENET_MEAN, IMAGENET_STD
 from .patchnet import PatchNet
+from .teachers import write_teacher_file
 
 
 @dataclass
@@ -334,9 +333,7 @@ def pretrain_teacher(image_paths: list[Path], out_dir: Path, config: TeacherConf
             "pretrained_cnn": {"name": p_net.name, "weights": Path(p_net.weights).name},
             "data": {"train_images": len(train), "holdout_images": len(holdout)},
             "history": history, "holdout_quality": quality}
-    out = out_dir / f"teacher_p{config.patch_size}.safetensors"
-    save_safetensors(out, teacher.state_dict(), {"edgestad": json.dumps(meta)})
-    return out
+    return write_teacher_file(out_dir / f"teacher_p{config.patch_size}.safetensors", teacher, meta)
 
 
 def _holdout_patches(paths, config: TeacherConfig, device, count: int = 1024):

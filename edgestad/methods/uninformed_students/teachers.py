@@ -10,7 +10,6 @@ from safetensors import safe_open
 from .patchnet import PatchNet
 
 
-
 def shipped_teacher_path(patch_size: int) -> Path:
     return Path(__file__).parent / "shipped_teachers" / f"teacher_p{patch_size}.safetensors"
 
@@ -62,3 +61,25 @@ def load_teacher(path: Path) -> tuple[PatchNet, dict]:
     net = PatchNet(c["patch_size"], c["descriptor_dim"], c["width"], c["leaky_slope"])
     net.load_state_dict(state)
     return net.eval(), meta
+
+
+def write_teacher_file(path: Path, teacher: PatchNet, meta: dict) -> Path:
+    """A teacher file: the weights and the metadata (``config``: patch_size, descriptor_dim,
+    width, leaky_slope; ``iterations``; ``pretrained_cnn``: {name, ...}) as JSON."""
+    from ..common.checkpoint import save_safetensors
+    save_safetensors(path, teacher.state_dict(), {"edgestad": json.dumps(meta)})
+    return Path(path)
+
+
+def write_random_teacher(path: Path, patch_size: int, descriptor_dim: int, width: int,
+                         seed: int = 0) -> Path:
+    """An untrained (randomly initialised) teacher file: for smoke tests of the whole flow, not
+    for detecting anything."""
+    import torch
+    with torch.random.fork_rng():          # the caller's global RNG stays where it was
+        torch.manual_seed(seed)
+        net = PatchNet(patch_size, descriptor_dim, width)
+    config = {"patch_size": patch_size, "descriptor_dim": descriptor_dim, "width": width,
+              "leaky_slope": net.leaky_slope}
+    return write_teacher_file(path, net, {"kind": "edgestad-teacher", "config": config,
+                                          "iterations": 0, "pretrained_cnn": {"name": "none (random)"}})
