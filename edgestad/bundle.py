@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import stat
 import tarfile
@@ -35,8 +34,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .files import (CHUNK, FileSource, JsonWriteError, atomic_write_bytes, atomic_write_json, fsync_dir,
-                    json_bytes, json_default, sha256_file, unlink_quietly, write_new_file)
+from .files import (CHUNK, FileSource, JsonWriteError, atomic_write_json, fsync_dir, json_bytes, json_default,
+                    replacing, sha256_file, temp_name, unlink_quietly, write_new_file)
 
 try:  # Python >= 3.11
     import tomllib
@@ -368,7 +367,7 @@ def write_bundle(
     _check_replaceable(target)
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    tmp_dir = temp_name(target)
     os.mkdir(tmp_dir, 0o777)  # umask applies; mkdtemp's 0700 would hide the bundle from services
     try:
         files = {WEIGHTS_NAME: write_new_file(tmp_dir / WEIGHTS_NAME, weights_bytes)}
@@ -446,13 +445,8 @@ def add_files(
     hashes: dict[str, str] = {}
     for name in sorted(files):
         dst = bundle_dir / name
-        tmp = bundle_dir / f".{name}.{secrets.token_hex(6)}.tmp"
-        try:
+        with replacing(dst, sync_dir=False) as tmp:
             hashes[name] = write_new_file(tmp, files[name])
-            os.replace(tmp, dst)
-        except BaseException:
-            unlink_quietly(tmp)
-            raise
     fsync_dir(bundle_dir)
 
     for key in replace:
@@ -500,8 +494,7 @@ def pack_bundle(bundle_dir: str | os.PathLike[str], archive_path: str | os.PathL
     if (bundle.path / SIGNATURE_NAME).is_file():  # not listed: it signs the manifest's hashes
         names.append(SIGNATURE_NAME)
     archive.parent.mkdir(parents=True, exist_ok=True)
-    tmp = archive.with_name(f".{archive.name}.{secrets.token_hex(6)}.tmp")
-    try:
+    with replacing(archive) as tmp:
         if kind == "zip":
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 for name in names:
@@ -517,13 +510,6 @@ def pack_bundle(bundle_dir: str | os.PathLike[str], archive_path: str | os.PathL
                     info.mode = 0o644
                     with open(bundle.path / name, "rb") as fh:
                         tf.addfile(info, fh)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, archive)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-    fsync_dir(archive.parent)
     return archive
 
 
@@ -551,7 +537,7 @@ def _extract_archive(archive: Path) -> Path:
     for root in (archive.parent, Path(tempfile.gettempdir()) / "edgestad-bundles"):
         try:
             root.mkdir(parents=True, exist_ok=True)
-            tmp = root / f".{archive.name}.{secrets.token_hex(6)}.tmp"
+            tmp = temp_name(root / archive.name)
             os.mkdir(tmp, 0o777)
         except OSError:  # read-only or foreign directory: fall back to the temp dir
             continue
@@ -746,7 +732,7 @@ def _swap_in(tmp_dir: Path, target: Path) -> None:
         os.rename(tmp_dir, target)
         fsync_dir(parent)
         return
-    old = target.with_name(f".{target.name}.{secrets.token_hex(6)}.old")
+    old = temp_name(target, "old")
     os.rename(target, old)
     try:
         os.rename(tmp_dir, target)

@@ -9,8 +9,9 @@ import hashlib
 import json
 import os
 import secrets
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import numpy as np
 
@@ -42,25 +43,41 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o666) -> Path:
-    """Atomically replace ``path`` with ``data``.
+def temp_name(path: Path, suffix: str = "tmp") -> Path:
+    """A hidden, unique name beside ``path`` (the same filesystem, so a rename is atomic)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.{suffix}")
 
-    Writes a temp file in the same directory (same filesystem, so the rename is atomic), fsyncs
-    it, ``os.replace``\\ s it over ``path`` and fsyncs the directory. Readers see either the old
-    or the new content, never a torn file. The temp file is removed on failure. New files get
-    the usual umask-derived permissions (not mkstemp's 0600), so a service user can read them;
-    ``mode=0o600`` keeps a secret (a users file) unreadable by others from its first byte.
-    """
+
+@contextmanager
+def replacing(path: str | os.PathLike[str], sync_dir: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for the caller to write; when the block ends without
+    error the file there is fsynced and ``os.replace``\\ s ``path`` (then the folder is fsynced,
+    unless the caller replaces several files and syncs the folder once); on any error it is
+    removed and ``path`` is left as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = temp_name(path)
     try:
-        write_new_file(tmp, bytes(data), mode)
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         unlink_quietly(tmp)
         raise
-    fsync_dir(path.parent)
-    return path
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o666) -> Path:
+    """Atomically replace ``path`` with ``data``.
+
+    Readers see either the old or the new content, never a torn file (see ``replacing``). New
+    files get the usual umask-derived permissions (not mkstemp's 0600), so a service user can read
+    them; ``mode=0o600`` keeps a secret (a users file) unreadable by others from its first byte.
+    """
+    with replacing(path) as tmp:
+        write_new_file(tmp, bytes(data), mode)
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from .bundle import DIGEST_KEY, SIGNATURE_NAME, Bundle, BundleError, atomic_write_bytes, canonical_json
+from .bundle import DIGEST_KEY, SIGNATURE_NAME, Bundle, BundleError, canonical_json
+from .files import atomic_write_bytes
 from .bundle_thresholds import _directory_bundle, _now, _user
 
 SIGNATURE_FORMAT = "edgestad-signature/1"
