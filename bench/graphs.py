@@ -77,7 +77,7 @@ def calibration_images(folder: Path | None, input_size: tuple[int, int], count: 
                        seed: int) -> tuple[np.ndarray, str]:
     """uint8 N×3×H×W calibration batch: good images from ``folder`` or random noise."""
     if folder is not None:
-        from edgestad.data import list_images, read_image
+        from edgestad.images import list_images, read_image
         paths = list_images(folder)[:count]
         if not paths:
             raise click.BadParameter(f"no images in {folder}", param_hint="--calibration")

@@ -44,7 +44,7 @@ FUSIONS = tuple(itertools.product(("z", "quantile"), ("sum", "max")))
 def _features(bundle, args):
     """Per split: map scores per rule (val, test) and pooled teacher features per stride."""
     import torch
-    from edgestad.data import good_images, load_images, load_test_set, split_train_val
+    from edgestad.datasets import good_images, load_images, load_test_set, split_train_val
     from edgestad.methods import load_model
     from edgestad.methods.common.backbones import PRETRAINED, FeaturePyramid
     from edgestad.methods.common.global_score import pooled

@@ -134,7 +134,7 @@ def evaluate_variants(bundle_path: Path, data: Path, variants: list[tuple[list[i
     """AU-PRO of a trained bundle at other (scale subset, dense stride) pairs, one pass per stride."""
     import torch
     from edgestad.bundle import load_bundle
-    from edgestad.data import load_test_set
+    from edgestad.datasets import load_test_set
     from edgestad.evaluate import compute_metrics
     from edgestad.methods import build_model
     torch.set_num_threads(threads)

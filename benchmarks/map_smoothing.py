@@ -34,7 +34,7 @@ def main() -> None:
     import torch
     from edgestad.bundle import load_bundle
     from edgestad.contract import uses_valid_box
-    from edgestad.data import load_test_set
+    from edgestad.datasets import load_test_set
     from edgestad.evaluate import compute_metrics, model_line, to_eval_grid
     from edgestad.methods import load_model
     from edgestad.methods.common.scoring import MapSmoothing

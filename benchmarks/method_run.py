@@ -67,7 +67,7 @@ def rescore(bundle: Path, data: Path, rules: list[str]) -> dict:
     import torch
     from edgestad.bundle import load_bundle
     from edgestad.contract import uses_valid_box
-    from edgestad.data import load_test_set
+    from edgestad.datasets import load_test_set
     from edgestad.methods import load_model
     from edgestad.methods.common.scoring import image_score
     from edgestad.metrics import image_auroc

@@ -105,7 +105,8 @@ def defect_scores(bundle: Bundle, folder) -> list[float]:
     """Image scores of the real defective images in ``folder`` from the bundle's exported fp32
     graph (ONNX Runtime, torch-free), preprocessed by the bundle's own input rule."""
     from .contract import uses_valid_box
-    from .data import DataError, list_images, load_images
+    from .images import DataError, list_images
+    from .datasets import load_images
     from .runner import run_graph
     name = graph_files(bundle.manifest).get("fp32")
     if not name:

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .data import DataError
+from .images import DataError
 
 TEXTURES = ("brick", "grass", "gravel")
 DEFECT_TYPES = ("scratch", "stain", "contamination")

@@ -19,7 +19,8 @@ import numpy as np
 from edgestad import metrics
 from edgestad.bundle import add_files, load_bundle
 from edgestad.contract import uses_valid_box
-from edgestad.data import load_test_set, map_to_eval_grid, to_eval_grid  # noqa: F401 (re-exported)
+from edgestad.images import map_to_eval_grid, to_eval_grid
+from edgestad.datasets import load_test_set  # noqa: F401 (re-exported)
 from edgestad.runner import EVALUATE_BACKENDS, backend_spellings, canonical_backend
 
 

@@ -37,7 +37,8 @@ def write_synthetic_defects(data: str | Path, out: str | Path, n: int, seed: int
     ``synthetic.json``."""
     import cv2
     import numpy as np
-    from edgestad.data import DataError, good_images, read_image
+    from edgestad.images import DataError, read_image
+    from edgestad.datasets import good_images
     from edgestad.methods.common.perlin import PseudoAnomalies, anomaly_source_files
 
     data, out = Path(data), Path(out)

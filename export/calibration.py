@@ -15,7 +15,8 @@ import numpy as np
 
 from edgestad.bundle import Bundle
 from edgestad.contract import uses_valid_box
-from edgestad.data import DataError, MVTecCategory, good_images, load_images, load_test_set, split_train_val
+from edgestad.images import DataError
+from edgestad.datasets import MVTecCategory, good_images, load_images, load_test_set, split_train_val
 
 
 class CalibrationError(ValueError):
@@ -68,7 +69,7 @@ def pick_evenly(paths: Sequence[Path], n: int) -> list[Path]:
 
 
 def to_nchw(images_nhwc: np.ndarray) -> np.ndarray:
-    """uint8 N x H x W x 3 (what edgestad.data returns) -> contiguous uint8 N x 3 x H x W."""
+    """uint8 N x H x W x 3 (what edgestad.datasets.load_images returns) -> contiguous uint8 N x 3 x H x W."""
     return np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2))
 
 

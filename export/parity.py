@@ -148,7 +148,7 @@ def accuracy_cost(graphs: dict[str, bytes], test_images: np.ndarray, masks: np.n
     ``boxes``: valid boxes of letterboxed test images (maps are cropped to them for metrics).
     ``thresholds``: the bundle's; each graph's OK/REVIEW/NG decisions are compared with the fp32
     graph's (``same_decision``: the share of test images decided alike)."""
-    from edgestad.data import to_eval_grid
+    from edgestad.images import to_eval_grid
     result: dict[str, Any] = {"test_images": int(len(test_images)), "anomalous": int(labels.sum()),
                               "au_pro_integration_limit": 0.3, "baseline": "fp32 graph",
                               "int8_au_pro_target": INT8_AU_PRO_TARGET, "graphs": {}}

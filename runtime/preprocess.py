@@ -2,7 +2,7 @@
 
 The graph takes ``images``: uint8 N x 3 x H x W RGB, 0..255; every arithmetic step (cast, /255,
 mean/std) is inside the graph. So the runtime only converts colour, resizes with the manifest's
-rule and transposes. The conversion and resize are edgestad.data's own functions (the training
+rule and transposes. The conversion and resize are edgestad.images' own functions (the training
 readers use them), so a camera frame and a training image of the same pixels reach the graph as
 the same bytes.
 """
@@ -14,8 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgestad.data import (LETTERBOX_PAD_VALUE, DataError, crop_roi, letterbox_geometry,
-                           letterbox_image, parse_roi, resize_image, to_rgb_uint8)
+from edgestad.images import (LETTERBOX_PAD_VALUE, DataError, crop_roi, letterbox_geometry, letterbox_image, parse_roi, resize_image, to_rgb_uint8)
 
 from .errors import BackendError, FrameError
 

@@ -3,7 +3,7 @@
 - ``OpenCVSource`` wraps ``cv2.VideoCapture`` for camera indices (V4L2 on Linux), video files,
   RTSP/HTTP URLs (FFmpeg) and GStreamer pipeline strings (``cv2.CAP_GSTREAMER``; pip's
   opencv-python wheels are built without GStreamer, JetPack's and distribution OpenCV have it).
-- ``FolderSource`` reads the images of a folder in name order with edgestad.data's reader.
+- ``FolderSource`` reads the images of a folder in name order with edgestad.images' reader.
 - ``ReconnectingSource`` re-opens a lost live source with exponential backoff, counted and logged.
 - ``FrameGrabber`` is the capture thread. For live sources it keeps only the newest frame
   (``latest=True``): a slow consumer never builds a backlog, and every frame overwritten before it
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import cv2
 import numpy as np
 
-from edgestad.data import DataError, list_images, read_image
+from edgestad.images import DataError, list_images, read_image
 
 from .errors import FrameError, SourceError
 
@@ -199,7 +199,7 @@ class OpenCVSource(Source):
 
 
 class FolderSource(Source):
-    """The images of a folder in name order, read like training images (edgestad.data)."""
+    """The images of a folder in name order, read like training images (edgestad.images)."""
 
     live = False
 

@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgestad.bundle import load_bundle
-    from edgestad.data import read_image
+    from edgestad.images import read_image
     from edgestad.runner import run_graph
     from edgestad.runtime.accounts import Users
     from edgestad.runtime.backends import select_backend

@@ -15,7 +15,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 def tiny_teachers(tmp_path_factory, tiny_dataset) -> dict:
     """p → teacher file: width 4, d 8, a few iterations on the demo photos (real P network)."""
     torch = pytest.importorskip("torch")
-    from edgestad.data import list_images
+    from edgestad.images import list_images
     from edgestad.methods.uninformed_students.teacher import TeacherConfig, pretrain_teacher
     out = tmp_path_factory.mktemp("teachers")
     images = list_images(tiny_dataset / "train" / "good")

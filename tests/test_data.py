@@ -1,4 +1,4 @@
-"""edgestad.data and edgestad.demo_data on real files written to tmp_path and on the shared data."""
+"""edgestad.images, edgestad.datasets and edgestad.demo_data on real files written to tmp_path and on the shared data."""
 
 from __future__ import annotations
 
@@ -9,22 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edgestad.data import (
-    DataError,
-    MVTecCategory,
-    TestItem,
-    data_root,
-    fingerprint,
-    good_images,
-    list_images,
-    load_images,
-    load_test_set,
-    read_image,
-    read_mask,
-    require_dataset,
-    resize_interpolation,
-    split_train_val,
-)
+from edgestad.images import DataError, list_images, read_image, read_mask, resize_interpolation
+from edgestad.datasets import (MVTecCategory, TestItem, data_root, fingerprint, good_images, load_images, load_test_set, require_dataset, split_train_val)
 from edgestad.demo_data import DEFECT_TYPES, INFO_FILE, ensure_demo_dataset, make_demo_dataset
 
 

@@ -78,3 +78,15 @@ def test_perlin_and_the_method_declarations_import_no_torch_and_no_stage():
     """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_the_runtime_reads_single_images_and_never_loads_datasets():
+    """edgestad/images.py (decode, resize, letterbox, ROI) is what the runtime shares with training;
+    edgestad/datasets.py (data root, MVTec categories, splits, loading many) is training's and
+    evaluation's alone."""
+    runtime = sorted((ROOT / "runtime").rglob("*.py"))
+    names = {path.name: imported_modules(path) for path in runtime}
+    assert any(n.startswith("edgestad.images") for used in names.values() for n in used)
+    offenders = [f"runtime/{file}: {n}" for file, used in names.items() for n in used
+                 if n.startswith("edgestad.datasets")]
+    assert not offenders, offenders

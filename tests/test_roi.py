@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgestad.cli import main
-from edgestad.data import DataError, crop_roi, parse_roi
+from edgestad.images import DataError, crop_roi, parse_roi
 
 ROI = (8, 4, 48, 40)          # x, y, w, h inside the 64 x 64 tiny images
 

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edgestad.data import resize_image, to_rgb_uint8
+from edgestad.images import resize_image, to_rgb_uint8
 from edgestad.runtime.backends import engine_compat_problems, list_engines, onnx_files
 from edgestad.runtime.config import RunConfig, build_config, values_from_file
 from edgestad.runtime.errors import BackendError, ConfigError, FrameError, OutputError

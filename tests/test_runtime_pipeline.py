@@ -109,7 +109,7 @@ def test_folder_end_to_end_counts_bad_files(bundle, tmp_path):
     assert len(bad) == 1 and "img_0050_truncated.png" in bad[0]["error"]
     assert next(r for r in results if r.name == "img_0100_gray.png").is_ng  # bright grey = toy anomaly
 
-    from edgestad.data import read_image
+    from edgestad.images import read_image
 
     sess = ort.InferenceSession(str(bundle.path / "model.onnx"), providers=["CPUExecutionProvider"])
     for r in results:

@@ -325,7 +325,7 @@ def test_threshold_changes_bad_values_revert_and_signature(station, tmp_path):
 
 
 def test_capture_writes_the_mvtec_layout_and_refuses_a_folder_it_cannot_write(station):
-    from edgestad.data import load_test_set
+    from edgestad.datasets import load_test_set
 
     url = station.url
     cookie, csrf = login(url, LEAD, LEAD_PW)

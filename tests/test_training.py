@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edgestad.bundle import load_bundle
-from edgestad.data import DataError, list_images
+from edgestad.images import DataError, list_images
 from edgestad.methods import load_model
 from edgestad.methods.uninformed_students.model import UninformedStudentsConfig as StudentTeacherConfig
 from edgestad.methods.uninformed_students import teacher as teacher_mod
@@ -103,7 +103,7 @@ def test_train_bundle_end_to_end(tiny_dataset, tiny_teachers, tmp_path):
     amap, score = model(images)
     assert amap.shape == (2, 1, 64, 64) and torch.isfinite(amap).all()
     # After calibration e and v are standardised on the validation images.
-    from edgestad.data import load_images, good_images, split_train_val
+    from edgestad.datasets import load_images, good_images, split_train_val
     _, val = split_train_val(good_images(tiny_dataset), 0.25, 0)
     x = model.normalize_input(torch.from_numpy(load_images(val, (64, 64))).permute(0, 3, 1, 2))
     with torch.no_grad():

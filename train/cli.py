@@ -39,7 +39,7 @@ def pretrain_teacher(images, out_dir, patch_size, iterations, batch_size, descri
                      lambda_k, lambda_m, lambda_c, pretrained_cnn, cnn_weights, cnn_input_size,
                      device, time_limit, seed):
     """Pretrain a teacher T̂ on patches of the natural images in IMAGES (paper §3.1)."""
-    from edgestad.data import list_images
+    from edgestad.images import list_images
     from edgestad.methods.uninformed_students.teacher import TeacherConfig, pretrain_teacher as run
 
     config = TeacherConfig(patch_size=int(patch_size), descriptor_dim=descriptor_dim, width=width,
@@ -209,7 +209,7 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
         _usage("--pixel-fpr", f"must be between 0 and 1, got {pixel_fpr}")
     if not 0 <= image_false_reject < 0.5:
         _usage("--image-false-reject", f"must be in [0, 0.5), got {image_false_reject}")
-    from edgestad.data import DataError, list_images, parse_roi
+    from edgestad.images import DataError, list_images, parse_roi
     try:
         roi = parse_roi(roi)
     except DataError as exc:

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from edgestad.bundle import MANIFEST_NAME, write_bundle
-from edgestad.data import aspect_ratios_vary, fingerprint, good_images, load_images, split_train_val
-from edgestad.data import LETTERBOX_PAD_VALUE
+from edgestad.images import aspect_ratios_vary
+from edgestad.datasets import fingerprint, good_images, load_images, split_train_val
+from edgestad.images import LETTERBOX_PAD_VALUE
 from edgestad.methods import get_method
 from edgestad.methods.base import FitContext, TrainSettings
 from edgestad.methods.common.global_score import fit_global_branch
@@ -156,7 +157,7 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
     if settings.defects:
         # a few real defects: the image threshold for a recall target, its cost from the
         # validation goods (the same rule as `edgestad thresholds --defects`)
-        from edgestad.data import list_images
+        from edgestad.images import list_images
         from edgestad.thresholds import new_thresholds
         d_images, d_boxes = load_images(list_images(settings.defects), size, resize=config.resize,
                                         with_boxes=True, roi=roi)

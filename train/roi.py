@@ -21,7 +21,7 @@ WORK_SIDE = 256
 
 def propose_roi(paths, margin: float = 0.05, limit: int = 200) -> tuple[tuple[int, int, int, int], np.ndarray]:
     """((x, y, w, h) in source pixels, the median image as BGR uint8 for a preview)."""
-    from edgestad.data import DataError, image_size, read_image
+    from edgestad.images import DataError, image_size, read_image
     paths = list(paths)[:limit]
     if len(paths) < 2:
         raise DataError("DATA: need at least two good images to propose a region of interest")
@@ -58,7 +58,8 @@ def propose_roi(paths, margin: float = 0.05, limit: int = 200) -> tuple[tuple[in
 def roi_command(data, preview, margin):
     """Propose a region of interest from the good images of DATA (to confirm, then pass to
     `edgestad train --roi`)."""
-    from edgestad.data import DataError, good_images
+    from edgestad.images import DataError
+    from edgestad.datasets import good_images
     if not 0 <= margin < 0.5:
         raise click.UsageError(f"--margin: must be in [0, 0.5), got {margin}")
     try:

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgestad.data import fit_image, letterbox_geometry, letterbox_image, map_to_eval_grid  # noqa: E402
+from edgestad.images import fit_image, letterbox_geometry, letterbox_image, map_to_eval_grid  # noqa: E402
 from edgestad.methods.common.backbones import (BackboneError, FeaturePyramid,  # noqa: E402
                                                describe_weights, load_state_dict_file)
 from edgestad.methods.common.scoring import AnomalyModel, MapSmoothing, image_score  # noqa: E402

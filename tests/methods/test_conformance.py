@@ -41,7 +41,7 @@ def tiny(name: str, workdir: Path):
 
 @pytest.fixture(scope="module")
 def train_images(tiny_dataset):
-    from edgestad.data import good_images, load_images
+    from edgestad.datasets import good_images, load_images
     return load_images(good_images(tiny_dataset)[:8], SIZE)
 
 
@@ -135,7 +135,8 @@ def test_letterbox_train_resume_export_parity_runtime_evaluate(name, letterbox_d
                                                                interrupt_after_first_epoch):
     from edgestad.bundle import load_bundle
     from edgestad.cli import main
-    from edgestad.data import good_images, load_images, read_image
+    from edgestad.images import read_image
+    from edgestad.datasets import good_images, load_images
     from edgestad.export.exporter import ExportOptions, export_bundle
     from edgestad.methods import load_model
     from edgestad.methods.common.scoring import parse_image_score, topk_count

@@ -61,7 +61,8 @@ def _plain_folder(tmp_path, n=4):
 
 
 def test_synth_defects_writes_mvtec_layout_with_exact_masks(tmp_path, sources):
-    from edgestad.data import MVTecCategory, read_image, read_mask
+    from edgestad.images import read_image, read_mask
+    from edgestad.datasets import MVTecCategory
     from edgestad.synth import synth_defects
     data = _plain_folder(tmp_path)
     out = tmp_path / "synth"

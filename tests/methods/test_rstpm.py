@@ -48,7 +48,7 @@ def test_attention_path_does_not_reach_teacher2():
 
 
 def test_training_leaves_teacher2_as_pretrained(tiny_dataset):
-    from edgestad.data import good_images, load_images
+    from edgestad.datasets import good_images, load_images
     method, config, model = tiny_model()
     images = load_images(good_images(tiny_dataset)[:4], SIZE)
     ctx = FitContext(epochs=1, batch_size=2, lr=0.4, checkpoint=None, progress=False,

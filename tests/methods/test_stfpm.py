@@ -96,7 +96,7 @@ def test_int8_graph_keeps_the_backbones_first_stages_in_fp16():
 def test_student_batchnorm_statistics_are_recomputed_over_the_training_images(tiny_dataset, tmp_path):
     """After fit, every student BN layer's running mean equals the exact mean of its inputs over
     the training images (not the exponential average of the training run)."""
-    from edgestad.data import good_images, load_images
+    from edgestad.datasets import good_images, load_images
     method = get_method("stfpm")
     torch.manual_seed(0)
     model = method.build(method.make_config(input_size=(64, 64)))

@@ -41,7 +41,7 @@ def test_joint_loss_terms():
 
 
 def test_autoencoders_frozen_then_trained_and_student_bn_recomputed(tiny_dataset):
-    from edgestad.data import good_images, load_images
+    from edgestad.datasets import good_images, load_images
     method = get_method("stfpm_ae")
     torch.manual_seed(0)
     model = method.build(method.make_config(input_size=(64, 64)))

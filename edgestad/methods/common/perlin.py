@@ -178,7 +178,7 @@ class PseudoAnomalies:
         index = int(self.rng.integers(0, len(self.sources)))
         key = (index, (h, w))
         if key not in self._cache:
-            from edgestad.data import read_image
+            from edgestad.images import read_image
             img = read_image(self.sources[index], (h, w))
             if len(self._cache) < self.cache_size:
                 self._cache[key] = img
@@ -207,7 +207,8 @@ def anomaly_source_files(folder: str | Path | None = None, default_relpath: str 
                          ) -> tuple[list[Path], str]:
     """The anomaly-source images and a description: ``folder`` if given (must hold images),
     else the shared natural-image folder when present, else none (the image itself)."""
-    from edgestad.data import data_root, list_images
+    from edgestad.images import list_images
+    from edgestad.datasets import data_root
     if folder:
         return list_images(folder), str(folder)
     default = data_root() / default_relpath

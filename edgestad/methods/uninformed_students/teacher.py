@@ -251,7 +251,7 @@ def pretrain_teacher(image_paths: list[Path], out_dir: Path, config: TeacherConf
     history, held-out quality) and returns its path. ``time_limit_s`` stops early (the metadata
     records the iterations actually done); running again resumes toward ``config.iterations``.
     """
-    from edgestad.data import read_image
+    from edgestad.images import read_image
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +337,7 @@ def pretrain_teacher(image_paths: list[Path], out_dir: Path, config: TeacherConf
 
 
 def _holdout_patches(paths, config: TeacherConfig, device, count: int = 1024):
-    from edgestad.data import read_image
+    from edgestad.images import read_image
     sampler = PatchSampler([read_image(p) for p in paths], config.patch_size, device,
                            seed=12345, grayscale_prob=0.0)
     anchor, _, _ = sampler.sample(count)
