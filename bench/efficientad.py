@@ -4,7 +4,7 @@ Re-created from the published architecture (paper, Appendix A, and anomalib's
 ``src/anomalib/models/image/efficient_ad/torch_model.py``: ``SmallPatchDescriptionNetwork``,
 ``Encoder``, ``Decoder``, ``EfficientAdModel`` in eval mode) rather than imported: anomalib 2.7
 installs here only beside torch 2.14 and the CUDA wheels, too heavy a dependency for a timing
-peer. benchmarks/efficientad_anomalib_check.py runs both in anomalib's own environment with the
+peer. studies/efficientad_anomalib_check.py runs both in anomalib's own environment with the
 same weights: identical parameter shapes (8,057,856 parameters), identical maps and scores
 (max difference 0.0) and 75.9 GFLOP/frame each (results/efficientad_anomalib_check.json). The
 weights are random: the model exists to be timed by ``edgestad bench --peer efficientad-s`` with

@@ -2,7 +2,7 @@
 
 A bundle is a directory holding ``manifest.json``, ``weights.safetensors`` and, after export,
 ONNX models, TensorRT engines and reports. ``manifest["files"]`` records the sha256 of every file
-except the manifest itself, so a loader can prove it runs exactly what was trained and calibrated.
+except the manifest itself, so a loader can prove it runs exactly what was trained, with the thresholds that were recorded.
 A bundle may also be shipped as a single ``.tar`` / ``.tar.gz`` / ``.zip`` made by
 :func:`pack_bundle`; :func:`load_bundle` accepts either form.
 
@@ -173,14 +173,14 @@ class Bundle:
     def thresholds(self) -> dict:
         """``manifest["thresholds"]`` (``pixel``, ``image``, ``rule``).
 
-        Raises BundleError when the bundle has not been calibrated yet, rather than letting
+        Raises BundleError when the bundle has no thresholds (it was not trained to the end), rather than letting
         the runtime run with no decision threshold.
         """
         thr = self.manifest.get("thresholds")
         if not isinstance(thr, dict) or not thr:
             raise BundleError(
                 f"bundle {self.path}: {MANIFEST_NAME} has no 'thresholds' "
-                "(the bundle has not been calibrated)"
+                "(its training did not set them)"
             )
         return thr
 
@@ -317,13 +317,13 @@ def verify_decision_digest(manifest: Mapping, bundle_dir: Path) -> None:
         raise DecisionDigestError(
             f"{where} has no valid {DIGEST_KEY} (format version {manifest.get('format_version')} "
             "requires one: it was removed), so its thresholds and score statistics cannot be "
-            "shown to be the trained/calibrated ones; "
+            "shown to be the ones training or `edgestad thresholds` recorded; "
             f"check them with `edgestad thresholds {bundle_dir} --show`, then seal them with "
             f"`edgestad thresholds {bundle_dir} --seal`")
     if diff:
         verb = "differs" if len(diff) == 1 else "differ"
         raise DecisionDigestError(
-            f"{where}: {', '.join(diff)} {verb} from what was trained/calibrated ({DIGEST_KEY} "
+            f"{where}: {', '.join(diff)} {verb} from what training or `edgestad thresholds` recorded ({DIGEST_KEY} "
             "mismatch: the manifest was edited by hand); change thresholds with `edgestad "
             "thresholds`, or retrain", diff)
 

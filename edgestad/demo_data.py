@@ -16,6 +16,7 @@ given the arguments (numpy ``default_rng(seed)``) and takes well under a second.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -234,16 +235,9 @@ def _params(texture, size, n_train, n_test_good, n_test_defect, seed) -> dict:
     }
 
 
-def ensure_demo_dataset(
-    root: str | os.PathLike,
-    texture: str = "brick",
-    size: int = 128,
-    n_train: int = 60,
-    n_test_good: int = 10,
-    n_test_defect: int = 20,
-    seed: int = 0,
-) -> Path:
-    """Return the demo category folder ``root``, generating it first if it does not exist.
+def ensure_demo_dataset(root: str | os.PathLike, **settings) -> Path:
+    """Return the demo category folder ``root``, generating it first if it does not exist;
+    ``settings`` are :func:`make_demo_dataset`'s (texture, size, n_train, ..., seed).
 
     Idempotent: an existing folder written with the same arguments is reused as is. It is built
     in a temporary folder beside ``root`` and renamed into place, so an interrupted run or a
@@ -252,14 +246,17 @@ def ensure_demo_dataset(
     than being overwritten.
     """
     root = Path(root)
-    wanted = _params(texture, size, n_train, n_test_good, n_test_defect, seed)
+    call = inspect.signature(make_demo_dataset).bind(root, **settings)
+    call.apply_defaults()
+    settings = {k: v for k, v in call.arguments.items() if k != "out_dir"}
+    wanted = _params(**settings)
     if root.exists():
         _check_existing(root, wanted)
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        make_demo_dataset(tmp, texture, size, n_train, n_test_good, n_test_defect, seed)
+        make_demo_dataset(tmp, **settings)
         try:
             os.rename(tmp, root)
         except OSError:

@@ -19,7 +19,7 @@ largest validation score and the bundle promises 1 / (n + 1), and says so (``wid
 
 The older rule (``normal``: mean + z·std of the validation scores) extrapolates a normal tail
 beyond the data; measured on bottle, screw and magnetic_tile it promised 1 % and delivered several
-times more (benchmarks/results/decisions). Bundles trained with it keep it for
+times more (studies/results/decisions). Bundles trained with it keep it for
 ``edgestad thresholds``.
 
 A review band (optional): a second, lower image threshold at a larger false-reject rate; scores

@@ -1,6 +1,6 @@
 """The one batch loop for a torch model (image batch -> maps, scores), and the device choice.
 
-Used by calibration (train/calibrate.py), ``evaluate --backend torch``, export's parity check and
+Used by training (the validation scores its thresholds come from, train/fit.py), ``evaluate --backend torch``, export's parity check and
 bench's torch backend. Imports torch, so torch-free code (the runtime, edgestad.runner) never
 imports this module.
 """

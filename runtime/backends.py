@@ -132,7 +132,7 @@ class OnnxRuntimeBackend(_RunnerBackend):
         if not intra_op_threads and providers[0] == "CPUExecutionProvider":
             # Leave one core to the capture thread (decode + resize): measured on 2 cores, ORT's
             # default of all cores made the whole pipeline 20 % slower than bare inference,
-            # cores - 1 brought it under 10 % (benchmarks/runtime_overhead.py).
+            # cores - 1 brought it under 10 % (studies/runtime_overhead.py).
             intra_op_threads = max(1, (os.cpu_count() or 1) - 1)
         self.intra_op_threads = intra_op_threads
         self.runner = _activated(OrtRunner(self.model_file, threads=intra_op_threads,

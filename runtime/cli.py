@@ -22,9 +22,6 @@ from .errors import EXIT_OK, EXIT_OUTPUT, ConfigError, RuntimeFailure
 
 log = logging.getLogger("edgestad.runtime")
 
-SOURCE_HELP = "exactly one of --camera, --video, --folder, --url, --gstreamer"
-
-
 def _opt(*decls: str, **kw: Any):
     kw.setdefault("default", None)
     return click.option(*decls, **kw)

@@ -3,7 +3,7 @@
 One event-driven server (aiohttp on its own asyncio loop in one thread): an idle or slow socket
 costs a file descriptor and a few kilobytes, never a thread, so a few hundred idle connections or
 clients that send one byte every ten seconds cannot take the page down (measured in
-``benchmarks/http_load.py``). The server binds 127.0.0.1 unless told otherwise.
+``studies/http_load.py``). The server binds 127.0.0.1 unless told otherwise.
 
 Endpoints (``GET`` and ``HEAD``):
 
@@ -25,7 +25,7 @@ Limits: at most ``max_streams`` MJPEG/SSE streams in all (``http_max_clients``) 
 within ``read_timeout_s`` drops that viewer; request bodies ≤ 64 KiB; keep-alive connections are
 closed after ``read_timeout_s`` of silence. Overlays are JPEG-encoded lazily: only while someone
 watches, and one encoding serves every viewer for ``1 / max_fps`` s, so five viewers cost what one
-does (measured in ``benchmarks/station_viewers.py``). The live state is serialised once per update
+does (measured in ``studies/station_viewers.py``). The live state is serialised once per update
 and ``/api/scores`` summarised at most once a second per window, whoever asks.
 """
 
@@ -753,28 +753,24 @@ class RuntimeHttpServer:
         resp.del_cookie("edgestad_session", path="/")
         return resp
 
-    async def set_thresholds(self, request):
+    async def _lead_action(self, request, action: str):
+        """Run the station's ``action`` (user, request body) in the worker; its answer as JSON."""
         from aiohttp import web
 
         station = self._need_station()
         body = await self._json_body(request)
-        entry = await self._in_worker(station.change_thresholds, self._session(request).user, body)
+        out = await self._in_worker(getattr(station, action), self._session(request).user, body)
+        return web.json_response(out)
+
+    async def set_thresholds(self, request):
+        response = await self._lead_action(request, "change_thresholds")
         self._scores_cache.clear()       # the histogram's lines move now, not a second later
-        return web.json_response(entry)
+        return response
 
     async def revert(self, request):
-        from aiohttp import web
-
-        station = self._need_station()
-        body = await self._json_body(request)
-        entry = await self._in_worker(station.revert_thresholds, self._session(request).user, body)
-        self._scores_cache.clear()       # the histogram's lines move now, not a second later
-        return web.json_response(entry)
+        response = await self._lead_action(request, "revert_thresholds")
+        self._scores_cache.clear()
+        return response
 
     async def capture(self, request):
-        from aiohttp import web
-
-        station = self._need_station()
-        body = await self._json_body(request)
-        out = await self._in_worker(station.capture, self._session(request).user, body)
-        return web.json_response(out)
+        return await self._lead_action(request, "capture")

@@ -14,11 +14,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgestad.images import (LETTERBOX_PAD_VALUE, DataError, crop_roi, letterbox_geometry, letterbox_image, parse_roi, resize_image, to_rgb_uint8)
+from edgestad.contract import RESIZE_RULES
+from edgestad.images import (LETTERBOX_PAD_VALUE, DataError, crop_roi, letterbox_geometry, letterbox_image,
+                             parse_roi, resize_image, to_rgb_uint8)
 
 from .errors import BackendError, FrameError
 
-SUPPORTED_RESIZE = ("area_or_linear", "letterbox")
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ class InputSpec:
             problems.append(f"layout={spec.layout!r} (runtime feeds NCHW)")
         if spec.dtype != "uint8":
             problems.append(f"dtype={spec.dtype!r} (runtime feeds uint8)")
-        if spec.resize not in SUPPORTED_RESIZE:
-            problems.append(f"resize={spec.resize!r} (supported: {', '.join(SUPPORTED_RESIZE)})")
+        if spec.resize not in RESIZE_RULES:
+            problems.append(f"resize={spec.resize!r} (supported: {', '.join(RESIZE_RULES)})")
         if problems:
             raise BackendError(f"{source}: unsupported input preprocessing: " + "; ".join(problems))
         return spec

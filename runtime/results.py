@@ -37,7 +37,7 @@ class Thresholds:
         except (KeyError, TypeError, ValueError):
             raise BackendError(
                 f"{source}: thresholds.pixel and thresholds.image are needed for OK/NG "
-                f"(got {dict(section)!r}); calibrate the bundle or pass --pixel-threshold/--image-threshold"
+                f"(got {dict(section)!r}); set them with `edgestad thresholds` or pass --pixel-threshold/--image-threshold"
             ) from None
         if not (np.isfinite(p) and np.isfinite(i)):
             raise BackendError(f"{source}: thresholds must be finite numbers, got pixel={p}, image={i}")

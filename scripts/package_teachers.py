@@ -1,6 +1,6 @@
 """Copy pretrained teachers into the package (float16 safetensors) and write their model card.
 
-Usage: python scripts/package_teachers.py RUN_DIR [--ablation benchmarks/results/teacher_ablation.json]
+Usage: python scripts/package_teachers.py RUN_DIR [--ablation studies/results/teacher_ablation.json]
 RUN_DIR holds teacher_p17/33/65.safetensors from `edgestad pretrain-teacher` and their logs.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 INDEX = ROOT / "edgestad" / "teachers" / "teachers.json"
-PLOT = ROOT / "benchmarks" / "results" / "teacher_losses.png"
+PLOT = ROOT / "studies" / "results" / "teacher_losses.png"
 
 
 def main():
@@ -73,7 +73,7 @@ def main():
         lines.append(f"| {p} | {e['iterations']} | {last['kd']:.0f} | {last['decorr']:.1f} | "
                      f"{q['holdout_kd_loss']:.0f} | {q['mean_abs_offdiag_correlation']:.3f} | "
                      f"`{e['sha256'][:16]}…` |")
-    lines += ["", "Loss curves: `benchmarks/results/teacher_losses.png`.", ""]
+    lines += ["", "Loss curves: `studies/results/teacher_losses.png`.", ""]
     if args.ablation_shipped and args.ablation_weak:
         shipped = json.loads(args.ablation_shipped.read_text())["per_scale"]["p65"]
         weak = json.loads(args.ablation_weak.read_text())
@@ -85,8 +85,8 @@ def main():
             f"{shipped['pixel_auroc']:.3f} | {shipped['image_auroc']:.3f} |",
             f"| 10× fewer iterations | {wt.get('iterations', '≈1/10')} | {weak['au_pro']:.3f} | "
             f"{weak['pixel_auroc']:.3f} | {weak['image_auroc']:.3f} |", "",
-            "Reproduce: `bash benchmarks/real_data.sh bottle` and `WEAK_TEACHER=... bash "
-            "benchmarks/real_data.sh teacher_ablation` (see docs/results/real-data.md).", ""]
+            "Reproduce: `bash studies/real_data.sh bottle` and `WEAK_TEACHER=... bash "
+            "studies/real_data.sh teacher_ablation` (see docs/results/real-data.md).", ""]
     (INDEX.parent / "MODEL_CARD.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

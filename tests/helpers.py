@@ -1,4 +1,5 @@
-"""Small helpers the runtime tests share: a free loopback port and polling until a condition holds."""
+"""Small helpers the runtime tests share: a paced test camera, a webhook receiver, a free loopback
+port and polling until a condition holds."""
 from __future__ import annotations
 
 import base64
@@ -6,9 +7,77 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from edgestad.runtime.sources import Frame, Source
+
+
+class PacedCamera(Source):
+    """A live source without a camera: frame i is ``make(i)`` (BGR uint8), one every ``period`` s."""
+
+    live = True
+
+    def __init__(self, make, period: float, description: str = "test camera"):
+        self.make, self.period, self.description = make, period, description
+        self.i = 0
+
+    def open(self):
+        pass
+
+    def read(self):
+        time.sleep(self.period)
+        self.i += 1
+        return Frame(self.make(self.i), self.i, time.time(), time.monotonic())
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1. ``plan(n)`` says what the n-th request (from 1) gets:
+    an HTTP status code, or "drop" (the connection is closed without an answer)."""
+
+    def __init__(self, plan=lambda n: 204, port: int = 0):
+        self.plan = plan
+        self.requests = 0
+        self.times: list[float] = []
+        self.delivered: list[dict] = []  # records answered with 2xx
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                record = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.requests += 1
+                    outer.times.append(time.monotonic())
+                    what = outer.plan(outer.requests)
+                if what == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if 200 <= what < 300:
+                    with outer.lock:
+                        outer.delivered.append(record)
+                self.send_response(what)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/ng"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def free_port() -> int:

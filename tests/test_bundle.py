@@ -117,7 +117,7 @@ def test_thresholds_missing_is_a_clear_error(tmp_path: Path) -> None:
     manifest = _manifest()
     del manifest["thresholds"]
     b = B.load_bundle(B.write_bundle(tmp_path / "b", manifest, _weights()))
-    with pytest.raises(BundleError, match="not been calibrated"):
+    with pytest.raises(BundleError, match="training did not set them"):
         _ = b.thresholds
 
 

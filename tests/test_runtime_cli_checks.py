@@ -175,13 +175,10 @@ def _status_ok(port):
 
 def test_webhook_outbox_survives_a_restart_of_the_runtime_process(tmp_path):
     import json
-    import socket
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens there yet
+    from helpers import Receiver, free_port
+
+    port = free_port()   # nothing listens there yet
     events = tmp_path / "ev"
     outbox = events / "webhook-outbox"
     proc = _start_run(tmp_path, "--events", events, "--webhook", f"http://127.0.0.1:{port}/ng")
@@ -194,27 +191,14 @@ def test_webhook_outbox_survives_a_restart_of_the_runtime_process(tmp_path):
     logged = [json.loads(line) for line in (events / "events.jsonl").read_text().splitlines()]
     assert waiting == {e["time"] for e in logged if e["event"] == "ng"}  # every NG event is waiting
 
-    received = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *a):
-            pass
-
-    hook = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    hook = Receiver(port=port)
     try:
-        proc = _start_run(tmp_path, "--events", events, "--webhook", f"http://127.0.0.1:{port}/ng")
+        proc = _start_run(tmp_path, "--events", events, "--webhook", hook.url)
         try:
-            assert wait_for(lambda: waiting <= {r["time"] for r in received}, timeout=30.0)
+            assert wait_for(lambda: waiting <= {r["time"] for r in hook.delivered}, timeout=30.0)
         finally:
             _, err = _stop(proc)
         assert proc.returncode == 0, err
     finally:
-        hook.shutdown()
-        hook.server_close()
+        hook.close()
     assert not list(outbox.glob("*.json"))  # all delivered, the new run's events too

@@ -7,7 +7,6 @@ import json
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cv2
 import numpy as np
@@ -21,26 +20,14 @@ from edgestad.runtime.pipeline import Pipeline
 from edgestad.runtime.preprocess import InputSpec, Preprocessor
 from edgestad.runtime.results import Thresholds
 from edgestad.runtime.sinks import WebhookSink
-from edgestad.runtime.sources import Frame, Source, SourceSpec
+from edgestad.runtime.sources import SourceSpec
+from helpers import PacedCamera, Receiver, wait_for
 from test_runtime_toy import frame_with_spot, make_toy_bundle
 
 
-class SlowCamera(Source):
+def slow_camera():
     """A live source at ~100 fps whose every 4th frame has a bright 'defect'."""
-
-    live = True
-    description = "test camera"
-
-    def __init__(self):
-        self.i = 0
-
-    def open(self):
-        pass
-
-    def read(self):
-        time.sleep(0.01)
-        self.i += 1
-        return Frame(frame_with_spot(self.i, spot=self.i % 4 == 0), self.i, time.time(), time.monotonic())
+    return PacedCamera(lambda i: frame_with_spot(i, spot=i % 4 == 0), 0.01)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +37,7 @@ def running(tmp_path_factory):
     feed = OverlayFeed(thr, max_fps=50)
     pipe = Pipeline(SourceSpec("camera", "7"), select_backend(bundle.path, bundle.manifest, "onnxruntime"),
                     Preprocessor(InputSpec.from_manifest(bundle.manifest)), thr, [feed],
-                    source_factory=SlowCamera)
+                    source_factory=slow_camera)
     server = RuntimeHttpServer("127.0.0.1", 0, pipe.snapshot, feed).start()
     t = threading.Thread(target=pipe.run, daemon=True)
     t.start()
@@ -137,31 +124,17 @@ def test_index_page_and_404(running):
 
 
 def test_webhook_posts_ng_events_to_a_real_server(running):
-    received = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *a):
-            pass
-
-    hook = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    hook = Receiver()
     try:
-        sink = WebhookSink(f"http://127.0.0.1:{hook.server_address[1]}/ng")
+        sink = WebhookSink(hook.url)
         pipe = running[0]
         pipe.sinks.append(sink)  # the output thread iterates over the list: picked up at once
-        deadline = time.monotonic() + 10
-        while len(received) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert wait_for(lambda: len(hook.delivered) >= 2, timeout=10)
         pipe.sinks.remove(sink)
         sink.close()
     finally:
-        hook.shutdown()
-        hook.server_close()
+        hook.close()
+    received = hook.delivered
     assert len(received) >= 2 and all(r["event"] == "ng" and r["is_ng"] for r in received)
     assert sink.failed == 0 and sink.sent == len(received)
 

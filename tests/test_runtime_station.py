@@ -28,9 +28,9 @@ from edgestad.runtime.pipeline import Pipeline
 from edgestad.runtime.preprocess import InputSpec, Preprocessor
 from edgestad.runtime.results import Thresholds
 from edgestad.runtime.sinks import EventLog, NgSaver
-from edgestad.runtime.sources import Frame, Source, SourceSpec
+from edgestad.runtime.sources import SourceSpec
 from edgestad.runtime.station import Counts, parse_shifts, shift_start
-from helpers import CHROMEDRIVER, CHROMIUM, CHROMIUM_MISSING, WebDriver, wait_for
+from helpers import CHROMEDRIVER, CHROMIUM, CHROMIUM_MISSING, PacedCamera, WebDriver, wait_for
 from test_runtime_toy import frame_with_spot, make_toy_bundle, write_folder
 
 LEAD, LEAD_PW = "lea", "lead-password-1"
@@ -38,28 +38,15 @@ VIEWER, VIEWER_PW = "vic", "viewer-password-1"
 needs_chromium = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason=CHROMIUM_MISSING)
 
 
-class LineCamera(Source):
+def line_camera(plan) -> PacedCamera:
     """A live camera at ~50 fps whose parts are good, NG (bright spot) or REVIEW (dimmer spot),
     as the test says (``plan["mode"]``)."""
-
-    live = True
-    description = "line camera"
-
-    def __init__(self, plan):
-        self.plan = plan
-        self.i = 0
-
-    def open(self):
-        pass
-
-    def read(self):
-        time.sleep(0.02)
-        self.i += 1
-        mode = self.plan["mode"]
-        img = frame_with_spot(self.i, spot=mode != "good")
-        if mode == "review":   # toy score = brightest channel mean: 0.75 is inside (0.6, 0.8]
+    def part(i):
+        img = frame_with_spot(i, spot=plan["mode"] != "good")
+        if plan["mode"] == "review":   # toy score = brightest channel mean: 0.75 is inside (0.6, 0.8]
             img[img >= 250] = 191
-        return Frame(img, self.i, time.time(), time.monotonic())
+        return img
+    return PacedCamera(part, 0.02, "line camera")
 
 
 class Station:
@@ -88,7 +75,7 @@ class Station:
         sinks = [self.station.sink, self.events, NgSaver(root / "ng", thr), self.feed]
         spec = SourceSpec("folder", str(folder)) if folder else SourceSpec("camera", "7")
         self.pipe = Pipeline(spec, backend, Preprocessor(InputSpec.from_manifest(bundle.manifest)), thr, sinks,
-                             source_factory=None if folder else (source_factory or (lambda: LineCamera(self.plan))))
+                             source_factory=None if folder else (source_factory or (lambda: line_camera(self.plan))))
         self.server = RuntimeHttpServer("127.0.0.1", 0, self.pipe.snapshot, self.feed,
                                         station=self.station).start()
         self.thread = threading.Thread(target=self.pipe.run, daemon=True)

@@ -1,5 +1,5 @@
 """Real small graphs and bundles that follow the edgestad graph I/O contract, for runtime tests
-and benchmarks (benchmarks/runtime_*.py import this file).
+and benchmarks (studies/runtime_*.py import this file).
 
 ``toy_graph``: images uint8 N x 3 x H x W -> Cast -> /255 -> mean over channels ->
 ``anomaly_map`` N x 1 x H x W (so a bright spot is an "anomaly"), ``image_score`` = max of the map.

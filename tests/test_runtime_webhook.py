@@ -4,61 +4,13 @@ at-least-once delivery, and the on-disk outbox that survives a restart of the ru
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from edgestad.runtime.sinks import WebhookSink
-from helpers import free_port, wait_for  # noqa: E402
+from helpers import Receiver, free_port, wait_for  # noqa: E402
 
-
-class Receiver:
-    """A real HTTP server on 127.0.0.1. ``plan(n)`` says what the n-th request (from 1) gets:
-    an HTTP status code, or "drop" (the connection is closed without an answer)."""
-
-    def __init__(self, plan=lambda n: 204, port: int = 0):
-        self.plan = plan
-        self.requests = 0
-        self.times: list[float] = []
-        self.delivered: list[dict] = []  # records answered with 2xx
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):  # noqa: N802
-                record = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests += 1
-                    outer.times.append(time.monotonic())
-                    what = outer.plan(outer.requests)
-                if what == "drop":
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                if 200 <= what < 300:
-                    with outer.lock:
-                        outer.delivered.append(record)
-                self.send_response(what)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/ng"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def ng_event(i: int) -> dict:

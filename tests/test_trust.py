@@ -109,7 +109,7 @@ def test_a_hand_edited_threshold_is_named_at_load(tmp_path):
     with pytest.raises(DecisionDigestError) as info:
         load_bundle(bundle)
     assert info.value.sections == ["thresholds.image"]
-    assert "thresholds.image differs from what was trained/calibrated" in str(info.value)
+    assert "thresholds.image differs from what training or `edgestad thresholds` recorded" in str(info.value)
 
 
 @pytest.mark.parametrize("section, edit", [
@@ -250,7 +250,7 @@ def test_export_refuses_graphs_with_other_thresholds_and_a_hand_edited_manifest(
     _edit(edited, lambda m: m["thresholds"].update(image=0.1))
     before = {p.name: p.read_bytes() for p in edited.iterdir()}
     line = _one_error_line(CliRunner().invoke(main, ["export", str(edited), "-p", "fp32", "--force"]), 2)
-    assert "thresholds.image differs from what was trained/calibrated" in line
+    assert "thresholds.image differs from what training or `edgestad thresholds` recorded" in line
     assert {p.name: p.read_bytes() for p in edited.iterdir()} == before
 
 

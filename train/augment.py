@@ -7,7 +7,7 @@ resultant R = |Σ c·e^{2iθ}| / Σ c is near 1 when the parts share one orienta
 they lie at any angle. ``rotate`` is chosen when R < ROTATION_RESULTANT, else ``none``.
 
 Measured on the dev categories (200 training images each, 256²): screw R = 0.07 (any rotation),
-magnetic_tile 0.64, bottle 0.87 (benchmarks/results/decisions/augment_auto.json).
+magnetic_tile 0.64, bottle 0.87 (studies/results/decisions/augment_auto.json).
 """
 from __future__ import annotations
 

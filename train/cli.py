@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from edgestad.contract import RESIZE_RULES
+
 
 def _device(name: str) -> str:
     from edgestad.torch_loop import choose_device  # torch is imported only when a command runs
@@ -121,7 +123,7 @@ def _method_for(method: str | None, preset: str | None, given: dict, default: st
 @click.option("--input-size", type=int, default=None, help="Model input side (default: the method's).")
 @click.option("--image-score", default=None,
               help="Image-score rule: max or topk:F (mean of the top F of the map); default: the method's.")
-@click.option("--resize", type=click.Choice(["auto", "area_or_linear", "letterbox"]), default="auto",
+@click.option("--resize", type=click.Choice(["auto", *RESIZE_RULES]), default="auto",
               show_default=True, help="auto = letterbox (keep the aspect ratio, pad) when the "
               "training images' aspect ratios differ, else area_or_linear (squash).")
 @click.option("--preset", default=None, metavar="NAME",

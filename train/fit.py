@@ -1,14 +1,14 @@
-"""`edgestad train`: good images → trained, calibrated model bundle, for every method.
+"""`edgestad train`: good images → trained model bundle with its thresholds, for every method.
 
-split → prepare → build → fit → calibrate → thresholds → bundle:
+split → prepare → build → fit → score statistics → thresholds → bundle:
 
 1. a deterministic train/validation split of the good images (validation images are never
    trained on: they give score statistics and thresholds);
 2. the resize rule: ``auto`` letterboxes when the images' aspect ratios differ (squashing would
    distort each one differently), else squashes;
 3. the method prepares its config, builds its model, fits it (resumable from
-   ``.<bundle>.partial/checkpoint.pt``) and calibrates on the validation images;
-4. thresholds from the validation images only (``calibrate.fit_thresholds``);
+   ``.<bundle>.partial/checkpoint.pt``) and fits its score statistics on the validation images;
+4. thresholds from the validation images only (``edgestad.thresholds.fit_thresholds``);
 5. the bundle is written atomically. A complete bundle at ``--out`` is never replaced without
    ``force``.
 """
@@ -22,19 +22,18 @@ from pathlib import Path
 import torch
 
 from edgestad.bundle import MANIFEST_NAME, write_bundle
-from edgestad.images import aspect_ratios_vary
 from edgestad.datasets import fingerprint, good_images, load_images, split_train_val
-from edgestad.images import LETTERBOX_PAD_VALUE
+from edgestad.images import LETTERBOX_PAD_VALUE, aspect_ratios_vary
 from edgestad.methods import get_method
 from edgestad.methods.base import FitContext, TrainSettings
 from edgestad.methods.common.global_score import fit_global_branch
 from edgestad.methods.common.training import checkpoint_progress, nchw
 from edgestad.methods.common.scoring import describe_image_score
 
-from .augment import choose_augmentation
 from edgestad.thresholds import fit_thresholds
+from edgestad.torch_loop import run_model
 
-from .calibrate import predict
+from .augment import choose_augmentation
 
 
 class TrainError(ValueError):
@@ -142,14 +141,14 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
     model.eval().to(device)
     val = torch.from_numpy(val_images).permute(0, 3, 1, 2)
     boxes = torch.from_numpy(val_boxes) if model.takes_valid_box else None
-    score_stats = method.calibrate(model, val, boxes, device)
+    score_stats = method.fit_score_statistics(model, val, boxes, device)
     global_branch = None
     if getattr(model, "has_global_branch", False):
         # training images for the Gaussian, validation images for the fusion's normalisation
         global_branch = fit_global_branch(
             model, nchw(train_images), torch.from_numpy(train_boxes) if boxes is not None else None,
             val, boxes, device)
-    val_maps, val_scores = predict(model, val, device, boxes=boxes)
+    val_maps, val_scores = run_model(model, val, boxes, device=device)
     thresholds = fit_thresholds(val_maps, val_scores, settings.pixel_fpr,
                                 settings.image_false_reject, boxes=val_boxes,
                                 review_false_reject=settings.review_false_reject)
@@ -161,8 +160,8 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
         from edgestad.thresholds import new_thresholds
         d_images, d_boxes = load_images(list_images(settings.defects), size, resize=config.resize,
                                         with_boxes=True, roi=roi)
-        _, d_scores = predict(model, nchw(d_images), device,
-                              boxes=torch.from_numpy(d_boxes) if boxes is not None else None)
+        _, d_scores = run_model(model, nchw(d_images), torch.from_numpy(d_boxes) if boxes is not None else None,
+                               device=device)
         thresholds, rules = new_thresholds(thresholds, defects=[float(v) for v in d_scores],
                                            recall=settings.recall)
         warnings = []   # the rank rule's target no longer sets the image threshold

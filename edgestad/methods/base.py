@@ -8,19 +8,20 @@ A method is one folder under ``edgestad/methods/`` (or a package of the user's, 
 the ``edgestad.methods`` entry-point group) holding its config (a dataclass whose fields read
 like the paper's table), its model (an ``AnomalyModel``: uint8 images → map, score) and its
 training stages (``common/training.py`` runs them), registered by name with ``@register``. The
-generic driver (``edgestad train``) does split → prepare → build → fit → calibrate → thresholds
-→ bundle for every method; evaluate, export, bench and the runtime know nothing
+generic driver (``edgestad train``) does split → prepare → build → fit → score statistics →
+thresholds → bundle for every method; evaluate, export, bench and the runtime know nothing
 method-specific.
 
 Verbs (the defaults import the torch side the declaration names: ``model_class``,
-``train_function``, ``calibrate_function``, ``parts_function``):
+``train_function``, ``statistics_function``, ``parts_function``):
 - ``prepare(config, options)``: settle what depends on files (e.g. a teacher's width); default
   as is;
 - ``build(config)``: the model with random / empty weights (loading a bundle fills them);
 - ``fit(model, images, ctx)``: load pretrained parts, train (``common/training.py``: staged,
   resumable per epoch); the options arrive typed and checked (``resolve_options``);
-- ``calibrate(model, images, boxes, device)``: statistics from validation good images stored in
-  the model's buffers (default: none);
+- ``fit_score_statistics(model, images, boxes, device)``: statistics of the model's scores on the
+  validation good images (e.g. a map's range, the mean and spread of a regression error), stored
+  in the model's buffers for its scoring (default: none);
 optional hooks:
 - ``parts(model, x)``: named partial maps (per level / scale) that ``evaluate`` reports;
 - ``deploy_forms()``: alternative graph forms of the same model (e.g. a fused ensemble);
@@ -34,8 +35,6 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
-
-RESIZE_CHOICES = ("auto", "area_or_linear", "letterbox")
 
 
 class MethodConfigError(ValueError):
@@ -52,7 +51,7 @@ class ConfigMixin:
     """to_dict / from_dict for the config dataclasses (tuples stored as JSON lists).
 
     ``STORED_DEFAULTS``: values for settings added after bundles were written without them, so an
-    older bundle loads with the behaviour it was calibrated with (e.g. ``map_sigma`` 0 = no map
+    older bundle loads with the behaviour it was trained with (e.g. ``map_sigma`` 0 = no map
     smoothing), not the new default. ``NOT_TRAINED``: settings training does not depend on (a
     resume ignores them).
     """
@@ -200,10 +199,10 @@ class Method:
     # Where the torch side lives, imported when a verb runs ("module:attribute"; a module name
     # starting with "." is relative to the method's package): the model class (config → model),
     # the training function (model, images, ctx, options → history), and optionally the
-    # calibration (model, images, boxes, device → stats) and the part maps (model, x → maps).
+    # score statistics (model, images, boxes, device → stats) and the part maps (model, x → maps).
     model_class: str = ""
     train_function: str = ""
-    calibrate_function: str = ""
+    statistics_function: str = ""
     parts_function: str = ""
 
     def _torch_side(self, target: str):
@@ -225,10 +224,10 @@ class Method:
     def prepare(self, config, options: dict):
         return config
 
-    def calibrate(self, model, images, boxes, device) -> dict:
-        if not self.calibrate_function:
+    def fit_score_statistics(self, model, images, boxes, device) -> dict:
+        if not self.statistics_function:
             return {}
-        return self._torch_side(self.calibrate_function)(model, images, boxes, device)
+        return self._torch_side(self.statistics_function)(model, images, boxes, device)
 
     def parts(self, model, x) -> dict:
         return self._torch_side(self.parts_function)(model, x) if self.parts_function else {}

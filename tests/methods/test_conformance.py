@@ -5,7 +5,7 @@
 - fit: a few epochs lower the loss, and a run interrupted after its first epoch resumes to the
   same weights and history, bit for bit;
 - the generic train driver on images of different aspect ratios: letterbox chosen, training
-  interrupted and resumed, calibrate, thresholds, bundle;
+  interrupted and resumed, score statistics, thresholds, bundle;
 - export fp32/fp16/int8, ONNX Runtime parity with torch on real boxes (padding excluded from the
   map and the score), the runtime letterboxes a frame and runs the graph, `edgestad evaluate
   --backend onnx`.

@@ -131,7 +131,7 @@ def test_resnet_students_normalisations():
     # the study's per-image min-max: every image's maximum is 1, so the image score is constant
     assert torch.allclose(score, torch.ones(3))
     validation = method.build(method.make_config(input_size=(64, 64), map_sigma=0.0)).eval()
-    stats = method.calibrate(validation, images, None, "cpu")
+    stats = method.fit_score_statistics(validation, images, None, "cpu")
     with torch.no_grad():
         amap, _ = validation(images)
     assert float(amap.min()) == pytest.approx(0.0, abs=1e-6)

@@ -20,7 +20,7 @@ validation good images (never on defects), then combined:
 - rule ``max``: the larger of the two (either view alone can reject).
 
 The branch is on by default (``global_branch``), its levels are ``global_levels`` (network
-strides of the teacher); ``README`` / benchmarks/results/decisions say how the defaults were
+strides of the teacher); ``README`` / studies/results/decisions say how the defaults were
 chosen on bottle, screw and magnetic_tile together.
 """
 from __future__ import annotations

@@ -34,7 +34,7 @@ class ResNetStudentsMethod(Method):
     defaults = {"epochs": 8, "batch_size": 8, "lr": 1e-3}
     options = (BACKBONE_WEIGHTS, augment_option("flip"))
     model_class, train_function = ".method:ResNetStudents", ".method:fit_students"
-    calibrate_function = ".method:fit_map_range"     # the map's range on validation good pixels
+    statistics_function = ".method:fit_map_range"     # the map's range on validation good pixels
 
     def tiny(self, workdir):
         return {"settings": {"input_size": (64, 64), "student_channels": (8, 8, 8)}, "options": {},

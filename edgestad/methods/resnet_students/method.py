@@ -52,7 +52,7 @@ class ResNetStudents(AnomalyModel):
                                       for _ in range(config.num_students))
         self.init_input(self.teacher.mean, self.teacher.std)
         self.init_global(self.teacher)
-        # min and max of the raw map over the validation good pixels (set by calibrate)
+        # min and max of the raw map over the validation good pixels (set by fit_score_statistics)
         self.register_buffer("map_range", torch.tensor([0.0, 1.0]))
 
     def train(self, mode: bool = True):

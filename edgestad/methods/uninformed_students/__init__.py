@@ -62,7 +62,7 @@ class UninformedStudentsMethod(Method):
     presets = {"paper": {"patch_sizes": (17, 33, 65), "dense_stride": 1},
                "edge": {"patch_sizes": (65,), "dense_stride": 4}}
     model_class, train_function = ".model:UninformedStudents", ".students:fit_uninformed_students"
-    calibrate_function, parts_function = ".model:fit_score_stats", ".model:scale_parts"
+    statistics_function, parts_function = ".model:fit_score_stats", ".model:scale_parts"
 
     def backbone_of(self, config) -> str:
         return "patch networks p=" + "/".join(str(p) for p in config.patch_sizes)

@@ -19,7 +19,7 @@ group of the final 1×1 conv.
 
 Whether fusion is faster depends on the backend: grouped convolutions are one kernel on cuDNN /
 TensorRT, but some CPU backends execute them group by group. ``edgestad bench`` and
-benchmarks/speed.py measure both forms; the README quotes what was measured.
+studies/speed.py measure both forms; the README quotes what was measured.
 """
 from __future__ import annotations
 
