@@ -82,6 +82,48 @@ def resume_line(checkpoint: Path, epochs: int) -> str:
     return f"resuming after {sum(done.values())} epochs (epochs done per stage: {stages}; {checkpoint})"
 
 
+def fit_decisions(method, model, train: tuple, val: tuple, settings: TrainSettings, device: str,
+                  echo=print, read_as: tuple | None = None) -> tuple[dict, dict | None, dict]:
+    """What the decisions need once the weights are trained, from good images only: the method's
+    score statistics and the global branch's Gaussian and fusion (training images for the
+    Gaussian, validation images for the normalisation), then the thresholds from the validation
+    images' maps and scores. ``train``/``val``: (uint8 N×H×W×3, valid boxes N×4). ``read_as``:
+    (size, resize, roi), how to read ``settings.defects`` when the user gave a few real defects.
+    Returns (score_stats, global_branch or None, thresholds)."""
+    model.eval().to(device)
+    val_images, val_boxes = torch.from_numpy(val[0]).permute(0, 3, 1, 2), val[1]
+    boxes = torch.from_numpy(val_boxes) if model.takes_valid_box else None
+    score_stats = method.fit_score_statistics(model, val_images, boxes, device)
+    global_branch = None
+    if getattr(model, "has_global_branch", False):
+        global_branch = fit_global_branch(
+            model, nchw(train[0]), torch.from_numpy(train[1]) if boxes is not None else None,
+            val_images, boxes, device)
+    val_maps, val_scores = run_model(model, val_images, boxes, device=device)
+    thresholds = fit_thresholds(val_maps, val_scores, settings.pixel_fpr,
+                                settings.image_false_reject, boxes=val_boxes,
+                                review_false_reject=settings.review_false_reject)
+    warnings = thresholds.pop("warnings")
+    if settings.defects:
+        # a few real defects: the image threshold for a recall target, its cost from the
+        # validation goods (the same rule as `edgestad thresholds --defects`)
+        from edgestad.images import list_images
+        from edgestad.thresholds import new_thresholds
+        size, resize, roi = read_as
+        d_images, d_boxes = load_images(list_images(settings.defects), size, resize=resize,
+                                        with_boxes=True, roi=roi)
+        _, d_scores = run_model(model, nchw(d_images), torch.from_numpy(d_boxes) if boxes is not None else None,
+                                device=device)
+        thresholds, rules = new_thresholds(thresholds, defects=[float(v) for v in d_scores],
+                                           recall=settings.recall)
+        warnings = []   # the rank rule's target no longer sets the image threshold
+        echo(f"image threshold from {settings.defects}: {rules[-1]}")
+    for warning in warnings:
+        echo(warning)
+    echo(f"image threshold {thresholds['image']:.6g}: {thresholds['rule']['image']}")
+    return score_stats, global_branch, thresholds
+
+
 def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settings: TrainSettings,
                  device: str = "cpu", progress: bool = True, log=None, force: bool = False,
                  echo=print) -> Path:
@@ -138,37 +180,9 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
                      checkpoint=checkpoint, progress=progress, log=log, options=options)
     history = method.fit(model, train_images, ctx)
 
-    model.eval().to(device)
-    val = torch.from_numpy(val_images).permute(0, 3, 1, 2)
-    boxes = torch.from_numpy(val_boxes) if model.takes_valid_box else None
-    score_stats = method.fit_score_statistics(model, val, boxes, device)
-    global_branch = None
-    if getattr(model, "has_global_branch", False):
-        # training images for the Gaussian, validation images for the fusion's normalisation
-        global_branch = fit_global_branch(
-            model, nchw(train_images), torch.from_numpy(train_boxes) if boxes is not None else None,
-            val, boxes, device)
-    val_maps, val_scores = run_model(model, val, boxes, device=device)
-    thresholds = fit_thresholds(val_maps, val_scores, settings.pixel_fpr,
-                                settings.image_false_reject, boxes=val_boxes,
-                                review_false_reject=settings.review_false_reject)
-    warnings = thresholds.pop("warnings")
-    if settings.defects:
-        # a few real defects: the image threshold for a recall target, its cost from the
-        # validation goods (the same rule as `edgestad thresholds --defects`)
-        from edgestad.images import list_images
-        from edgestad.thresholds import new_thresholds
-        d_images, d_boxes = load_images(list_images(settings.defects), size, resize=config.resize,
-                                        with_boxes=True, roi=roi)
-        _, d_scores = run_model(model, nchw(d_images), torch.from_numpy(d_boxes) if boxes is not None else None,
-                               device=device)
-        thresholds, rules = new_thresholds(thresholds, defects=[float(v) for v in d_scores],
-                                           recall=settings.recall)
-        warnings = []   # the rank rule's target no longer sets the image threshold
-        echo(f"image threshold from {settings.defects}: {rules[-1]}")
-    for warning in warnings:
-        echo(warning)
-    echo(f"image threshold {thresholds['image']:.6g}: {thresholds['rule']['image']}")
+    score_stats, global_branch, thresholds = fit_decisions(
+        method, model, (train_images, train_boxes), (val_images, val_boxes), settings, device, echo,
+        read_as=(size, config.resize, roi))
     mean = model.input_mean.flatten().tolist()
     std = model.input_std.flatten().tolist()
     input_section = {"height": size[0], "width": size[1], "channels": 3, "color": "RGB",

@@ -43,7 +43,7 @@ class MethodConfigError(ValueError):
 
 # Settings applied after training (map post-processing, the global branch fitted from frozen
 # teacher features, the image-score fusion): a resume ignores them.
-POST_TRAINING_SETTINGS = ("map_sigma", "image_score", "global_branch", "global_levels",
+POST_TRAINING_SETTINGS = ("map_sigma", "map_grid", "image_score", "global_branch", "global_levels",
                           "score_fusion", "score_normalization")
 
 

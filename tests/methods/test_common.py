@@ -254,11 +254,35 @@ def test_old_manifests_load_with_the_behaviour_they_were_calibrated_with(name):
     config_cls = get_method(name).config_cls
     assert config_cls().map_sigma == 2.0 and config_cls().global_branch
     stored = config_cls(global_branch=False).to_dict()
-    del stored["map_sigma"], stored["global_branch"]
+    del stored["map_sigma"], stored["global_branch"], stored["map_grid"]
     old = config_cls.from_dict(stored)
-    assert old.map_sigma == 0.0 and old.global_branch is False
+    assert old.map_sigma == 0.0 and old.global_branch is False and old.map_grid == "input"
     with pytest.raises(ValueError, match="map_sigma"):
         config_cls(map_sigma=-1.0)
+    with pytest.raises(ValueError, match="map_grid: must be one of input, finest"):
+        config_cls(map_grid="stride4")
+
+
+def test_the_level_product_on_the_finest_grid():
+    """map_grid "finest": the levels meet on the finest level's grid and the product is
+    upsampled once; "input": each level is upsampled to the input first. Equal for levels that
+    are constant, close for smooth ones, and exactly the finest-grid product then resized."""
+    import torch.nn.functional as F
+    from edgestad.methods.stfpm.method import product_of_upsampled
+
+    def up(m, hw):
+        return F.interpolate(m, size=hw, mode="bilinear", align_corners=False)
+
+    g = torch.Generator().manual_seed(0)
+    smooth = [up(torch.rand(1, 1, 4, 4, generator=g) + 0.5, (64 // s, 64 // s)) for s in (4, 8, 16)]
+    finest = product_of_upsampled(smooth, (64, 64), "finest")
+    on_grid = smooth[0] * up(smooth[1], (16, 16)) * up(smooth[2], (16, 16))
+    assert torch.allclose(finest, up(on_grid, (64, 64)), atol=1e-6)
+    direct = product_of_upsampled(smooth, (64, 64), "input")
+    assert finest.shape == direct.shape == (1, 1, 64, 64)
+    assert (finest - direct).abs().mean() < 0.02 * direct.abs().mean()   # interpolation only
+    const = [torch.full((1, 1, 64 // s, 64 // s), v) for s, v in ((4, 2.0), (8, 3.0), (16, 0.5))]
+    assert torch.allclose(product_of_upsampled(const, (64, 64), "finest"), torch.full((1, 1, 64, 64), 3.0))
 
 
 def test_the_pretrained_feature_methods_share_one_config_base():

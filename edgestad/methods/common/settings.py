@@ -34,6 +34,9 @@ MAP_SIGMA = 2.0     # default map smoothing of the pretrained-feature methods, p
 FUSION_RULES = ("sum", "max")
 NORMALIZATIONS = ("quantile", "z")
 AUGMENTATIONS = ("none", "flip", "rotate")
+# Where the level maps are multiplied: each upsampled to the input (the papers' wording), or on
+# the finest level's grid, upsampled once (the same map to within interpolation; cheaper)
+MAP_GRIDS = ("input", "finest")
 
 
 class BackboneError(ValueError):
@@ -136,9 +139,11 @@ class PretrainedFeatureConfig(GlobalBranchSettings):
     image_score: str = "max"                       # see methods/common/scoring.py
     resize: str = "area_or_linear"                 # or "letterbox"
     map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
+    map_grid: str = "input"                        # MAP_GRIDS: where the level maps are multiplied
 
     # bundles from before map smoothing / the global branch
-    STORED_DEFAULTS: ClassVar[dict] = {**GlobalBranchSettings.STORED_DEFAULTS, "map_sigma": 0.0}
+    STORED_DEFAULTS: ClassVar[dict] = {**GlobalBranchSettings.STORED_DEFAULTS, "map_sigma": 0.0,
+                                       "map_grid": "input"}
 
     def map_levels(self) -> tuple[int, ...]:
         """The teacher strides the anomaly map uses."""
@@ -152,6 +157,8 @@ class PretrainedFeatureConfig(GlobalBranchSettings):
         parse_image_score(self.image_score)
         check_backbone(self.backbone, self.map_levels())
         check_map_sigma(self.map_sigma, self.input_size)
+        if self.map_grid not in MAP_GRIDS:
+            raise ValueError(f"map_grid: must be one of {', '.join(MAP_GRIDS)}, got {self.map_grid!r}")
         self.check_global(self.teacher_levels())
         self.check()
 

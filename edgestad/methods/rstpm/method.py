@@ -67,7 +67,7 @@ from ..common.backbones import (BACKBONES, PRETRAINED, FeatureInfo, FeaturePyram
                                 describe_weights, recompute_batchnorm_statistics)
 from ..common.scoring import AnomalyModel
 from ..common.training import Stage, TrainingLoop, batches_of, nchw
-from ..stfpm.method import level_distance
+from ..stfpm.method import level_distance, product_of_upsampled
 from . import LEVELS, TEACHER2_CHOICES, RSTPMConfig  # noqa: F401
 
 # EfficientNet-Lite0 blocks that start each resolution (pair 1 taps the stage ends 2 / 4 / 10)
@@ -126,7 +126,12 @@ class ReconstructionStudent(nn.Module):
 
 class DistanceMaps(nn.Module):
     """The six Ω maps, their per-resolution sums and eq. 5's product: everything in here stays
-    float32 in the fp16 / int8 graphs (``RSTPMMethod.fp32_modules``)."""
+    float32 in the fp16 / int8 graphs (``RSTPMMethod.fp32_modules``). ``grid``: where eq. 5
+    multiplies (``map_grid``)."""
+
+    def __init__(self, grid: str = "input"):
+        super().__init__()
+        self.grid = grid
 
     def omegas(self, t1, s1, t2, s2) -> list[torch.Tensor]:
         """[Ω¹, Ω², Ω³ (pair 1, strides 4/8/16), Ω⁴, Ω⁵, Ω⁶ (pair 2, strides 4/8/16)]."""
@@ -138,7 +143,7 @@ class DistanceMaps(nn.Module):
         ``size``, N×1×H×W)."""
         omega = self.omegas(t1, s1, t2, s2)
         sums = [omega[i] + omega[i + 3] for i in range(3)]
-        return stack_on_grid(sums), product_map(sums, size)
+        return stack_on_grid(sums), product_map(sums, size, self.grid)
 
 
 def stack_on_grid(sums: list[torch.Tensor]) -> torch.Tensor:
@@ -147,13 +152,9 @@ def stack_on_grid(sums: list[torch.Tensor]) -> torch.Tensor:
                                   for m in sums[1:]], dim=1)
 
 
-def product_map(sums: list[torch.Tensor], size) -> torch.Tensor:
-    """Eq. 5: Π_r upsample(S_r)."""
-    amap = None
-    for m in sums:
-        up = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
-        amap = up if amap is None else amap * up
-    return amap
+def product_map(sums: list[torch.Tensor], size, grid: str = "input") -> torch.Tensor:
+    """Eq. 5: Π_r upsample(S_r) (STFPM's product of upsampled level maps)."""
+    return product_of_upsampled(sums, size, grid)
 
 
 def final_map(product: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -206,7 +207,7 @@ class RSTPM(AnomalyModel):
         deepest = self.teacher1.feature_info[-1].channels
         self.student2 = ReconstructionStudent(
             deepest, tuple(f.channels for f in self.teacher2.feature_info), tuple(config.recon_channels))
-        self.maps = DistanceMaps()
+        self.maps = DistanceMaps(config.map_grid)
         self.discriminator = DiscriminatorUNet(3, tuple(config.disc_channels))
         self.init_input(self.teacher1.mean, self.teacher1.std)
         self.init_global(self.teacher1)
@@ -313,10 +314,11 @@ def rstpm_parts(model: RSTPM, x: torch.Tensor) -> dict[str, torch.Tensor]:
     sums = [omega[i] + omega[i + 3] for i in range(3)]
     up = {f"s{s}": F.interpolate(m, size=size, mode="bilinear", align_corners=False)
           for s, m in zip(LEVELS, sums)}
-    product = product_map(sums, size)
+    product = product_map(sums, size, model.config.map_grid)
     logits = model.discriminator(stack_on_grid(sums))
     d = torch.sigmoid(F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
-    return {**up, "pair1": product_map(omega[:3], size), "pair2": product_map(omega[3:], size),
+    return {**up, "pair1": product_map(omega[:3], size, model.config.map_grid),
+            "pair2": product_map(omega[3:], size, model.config.map_grid),
             "st_product": product, "discriminator": d}
 
 

@@ -31,12 +31,19 @@ def level_distance(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2).sum(1, keepdim=True)
 
 
-def product_of_upsampled(level_maps: list[torch.Tensor], size) -> torch.Tensor:
-    """STFPM's anomaly map: the per-level maps upsampled bilinearly to ``size``, multiplied."""
+def product_of_upsampled(level_maps: list[torch.Tensor], size, grid: str = "input") -> torch.Tensor:
+    """STFPM's anomaly map: the per-level maps upsampled bilinearly and multiplied; on the input
+    grid (``size``), or with ``grid="finest"`` on the finest level's grid and then upsampled to
+    ``size`` once (two full-size resizes and products fewer)."""
+    target = tuple(size) if grid == "input" else tuple(max((m.shape[-2:] for m in level_maps),
+                                                           key=lambda hw: hw[0] * hw[1]))
     amap = None
     for level in level_maps:
-        up = F.interpolate(level, size=size, mode="bilinear", align_corners=False)
+        up = level if tuple(level.shape[-2:]) == target else \
+            F.interpolate(level, size=target, mode="bilinear", align_corners=False)
         amap = up if amap is None else amap * up
+    if target != tuple(size):
+        amap = F.interpolate(amap, size=tuple(size), mode="bilinear", align_corners=False)
     return amap
 
 
@@ -76,11 +83,11 @@ class STFPM(AnomalyModel):
         return self.maps_from(self.teacher_levels(x), x)
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        return product_of_upsampled(self.level_maps(x), x.shape[-2:])
+        return product_of_upsampled(self.level_maps(x), x.shape[-2:], self.config.map_grid)
 
     def map_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         teacher = self.teacher_levels(x)                      # one teacher pass for both
-        amap = product_of_upsampled(self.maps_from(teacher, x), x.shape[-2:])
+        amap = product_of_upsampled(self.maps_from(teacher, x), x.shape[-2:], self.config.map_grid)
         return amap, [teacher[s] for s in self.config.global_levels]
 
 

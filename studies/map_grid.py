@@ -1,0 +1,120 @@
+"""Where STFPM's level maps are multiplied (``map_grid``): on the input grid, each level upsampled
+to the input first (``input``, the papers' wording), or on the finest level's grid and upsampled
+once (``finest``: two full-size resizes and products fewer). Issue 17, item 7.
+
+    python studies/map_grid.py --category bottle --category screw --category magnetic_tile
+
+Per category: 1. ``edgestad train DATA --out runs/map_grid/<cat>_input -o map_grid=input`` (the
+default otherwise); 2. the same weights with ``map_grid=finest``: ``map_grid`` only changes the
+map after the students (a setting a resume ignores), so the second bundle is the first one's
+weights with everything fitted after training fitted again by training's own code
+(``train.fit.fit_decisions``: score statistics, the global branch's normalisation, thresholds)
+on the same validation split; 3. ``edgestad evaluate`` of both (AU-PRO, AUROCs, OK/NG at each
+bundle's own thresholds); 4. ``edgestad bench`` of both beside EfficientAD-S in the same run
+(ONNX Runtime fp32, 2 threads). Writes studies/results/map_grid.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from method_run import CATEGORIES, data_root  # noqa: E402
+
+EDGESTAD = [sys.executable, "-m", "edgestad.cli"]
+
+
+def run(cmd: list, log: Path) -> float:
+    started = time.time()
+    with open(log, "w") as fh:
+        proc = subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}); see {log}")
+    return round(time.time() - started, 1)
+
+
+def refit_with_grid(bundle_dir: Path, out: Path, grid: str) -> None:
+    """``bundle_dir``'s weights with ``map_grid=grid``, everything after training fitted again."""
+    from edgestad.bundle import load_bundle, write_bundle
+    from edgestad.datasets import good_images, load_images, split_train_val
+    from edgestad.methods import get_method, load_model
+    from edgestad.methods.base import TrainSettings
+    from edgestad.train.fit import fit_decisions
+
+    bundle = load_bundle(bundle_dir)
+    manifest = json.loads(json.dumps(bundle.manifest))
+    model = load_model(bundle)
+    model.config = model.config.replace(map_grid=grid)
+    prov = manifest["provenance"]
+    paths = good_images(Path(prov["data"]))
+    train_paths, val_paths = split_train_val(paths, prov["split"]["val_fraction"], prov["split"]["seed"])
+    section = manifest["input"]
+    size, resize, roi = (section["height"], section["width"]), section["resize"], section.get("roi")
+    train = load_images(train_paths, size, resize=resize, with_boxes=True, roi=roi)
+    val = load_images(val_paths, size, resize=resize, with_boxes=True, roi=roi)
+    rule = manifest["thresholds"]["rule"]
+    settings = TrainSettings(val_fraction=prov["split"]["val_fraction"], seed=prov["split"]["seed"],
+                             **{k: rule[k] for k in ("pixel_fpr", "image_false_reject", "review_false_reject")
+                                if k in rule})
+    score_stats, global_branch, thresholds = fit_decisions(
+        get_method(manifest["method"]), model, train, val, settings, "cpu")
+    manifest["method_config"]["map_grid"] = grid
+    manifest.update(score_stats=score_stats, thresholds=thresholds)
+    if global_branch:
+        manifest["global_branch"] = global_branch
+    prov["refit"] = {"from": str(bundle_dir), "changed": {"map_grid": grid},
+                     "what": "same weights; score statistics, global branch and thresholds fitted again"}
+    for key in ("format", "format_version", "created", "code_version", "files", "decision_digest",
+                "exports", "threshold_changes"):
+        manifest.pop(key, None)
+    write_bundle(out, manifest, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--category", action="append", choices=sorted(CATEGORIES))
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "map_grid")
+    ap.add_argument("--out", type=Path, default=ROOT / "studies" / "results" / "map_grid.json")
+    ap.add_argument("--bench-seconds", type=float, default=15.0)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    result = {"commands": [], "categories": {}}
+    for category in args.category or sorted(CATEGORIES):
+        data = data_root() / CATEGORIES[category]
+        a, b = args.work / f"{category}_input", args.work / f"{category}_finest"
+        rows = result["categories"][category] = {}
+        if not (a / "manifest.json").exists():
+            cmd = EDGESTAD + ["train", data, "--out", a, "-o", "map_grid=input"]
+            rows["train_seconds"] = run(cmd, args.work / f"{category}_train.log")
+            result["commands"].append(" ".join(map(str, cmd[2:])))
+        if not (b / "manifest.json").exists():
+            refit_with_grid(a, b, "finest")
+        for grid, bundle in (("input", a), ("finest", b)):
+            cmd = EDGESTAD + ["evaluate", bundle, data, "--out", args.work / f"{bundle.name}_eval"]
+            run(cmd, args.work / f"{bundle.name}_eval.log")
+            m = json.loads((args.work / f"{bundle.name}_eval" / "metrics.json").read_text())
+            d = m.get("decisions_at_bundle_threshold", {})
+            rows[grid] = {k: m[k] for k in ("au_pro", "pixel_auroc", "image_auroc")}
+            rows[grid].update({k: d.get(k) for k in ("defective_ng", "defective_total", "good_ng",
+                                                      "good_total", "promised_good_rejected")})
+            print(category, grid, rows[grid], flush=True)
+        for grid, bundle in (("input", a), ("finest", b)):
+            report = args.work / f"{bundle.name}_bench.json"
+            cmd = EDGESTAD + ["bench", bundle, "--backends", "ort-fp32", "--batch", "1", "--batch", "8",
+                              "--threads", "2", "--peer", "efficientad-s", "--max-seconds",
+                              str(args.bench_seconds), "--json", report]
+            run(cmd, args.work / f"{bundle.name}_bench.log")
+            rows[grid]["bench"] = json.loads(report.read_text())
+        result["commands"].append("python studies/map_grid.py " + " ".join(
+            f"--category {c}" for c in (args.category or sorted(CATEGORIES))))
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
