@@ -19,8 +19,11 @@ def test_level_distance_is_half_the_squared_distance_of_normalised_features():
 
 
 def test_map_is_the_product_of_upsampled_level_maps():
+    """map_grid "input" (the paper's wording, and every bundle made before map_grid): each level
+    upsampled to the input, then multiplied. The default "finest" is test_common's."""
     method = get_method("stfpm")
-    model = method.build(method.make_config(input_size=(64, 64))).eval()
+    assert method.make_config().map_grid == "finest"
+    model = method.build(method.make_config(input_size=(64, 64), map_grid="input")).eval()
     x = model.normalize_input(torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8))
     with torch.no_grad():
         parts = method.parts(model, x)

@@ -6,9 +6,10 @@ initialisation (student) to match the teacher's feature pyramid on good images.
 - student: the same layers, random init;
 - loss per level: ½‖F̂_t − F̂_s‖² of channel-wise ℓ2-normalised features, averaged over positions
   (and images), summed over levels;
-- map: per level the same ½‖F̂_t − F̂_s‖², upsampled bilinearly to the input, multiplied over
-  levels, then smoothed by a Gaussian of σ = 2 px (``map_sigma``; ``common/scoring.py``: the
-  PatchCore / PaDiM post-processing, measured on bottle and magnetic_tile in the README);
+- map: per level the same ½‖F̂_t − F̂_s‖², upsampled bilinearly and multiplied over levels (on
+  the stride-4 grid, then upsampled to the input once: ``map_grid``), then smoothed by a Gaussian
+  of σ = 2 px (``map_sigma``; ``common/scoring.py``: the PatchCore / PaDiM post-processing,
+  measured on bottle and magnetic_tile in the docs);
 - SGD lr 0.4, momentum 0.9, weight decay 1e-4 (the paper's), batch 16;
 - after training the student's BatchNorm running statistics are recomputed over the training
   images (``recompute_batchnorm_statistics`` says why; a test checks it).
