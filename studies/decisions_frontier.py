@@ -6,7 +6,7 @@ item 8). It reads what the runs wrote; it trains nothing:
     python studies/map_grid.py                              # Lite0: map_grid input and finest
     python studies/method_run.py --method stfpm --category C --tag lite1 \\
         --train-option=--backbone=efficientnet-lite1 --no-export          # (and lite2; each C)
-    edgestad bench runs/stfpm_bottle_lite1 --backends ort-fp32 --batch 1 --batch 8 --threads 2 \\
+    edgestad bench runs/stfpm_screw_lite1 --backends ort-fp32 --batch 1 --batch 8 --threads 2 \\
         --peer efficientad-s --json studies/results/backbone_bench_lite1.json       # (and lite2)
     python studies/decisions_frontier.py
 
