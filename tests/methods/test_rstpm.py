@@ -118,7 +118,11 @@ def test_eq5_and_eq7_on_hand_made_maps():
 
 
 def test_model_map_is_st_product_times_discriminator():
+    """Eq. 7 = eq. 5 × D; eq. 5 read as the paper words it (map_grid "input": every level upsampled
+    to the input, then multiplied)."""
     method, config, model = tiny_model()
+    model.config = model.config.replace(map_grid="input")
+    model.maps.grid = "input"
     model.eval()
     x = model.normalize_input(torch.randint(0, 256, (1, 3, *SIZE), dtype=torch.uint8))
     with torch.no_grad():
