@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 from .bundle import (FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME, Bundle, BundleError, add_files,
                      decision_differences, load_bundle)
 from .contract import ONNX_FILES, REPORT_FILE
-from .thresholds import ThresholdError, new_thresholds
+from .thresholds import PROMISE_CONFIDENCE, ThresholdError, new_thresholds
 from . import graph_meta
 
 
@@ -286,7 +286,10 @@ def describe(bundle: Bundle) -> str:
     if thr.get("image_review") is not None:
         lines.append(f"  REVIEW above {thr['image_review']}  ({rule.get('image_review', '?')})")
     if rule.get("image_promised_false_reject") is not None:
+        bound = rule.get("image_promise_bound")
         lines.append(f"  promised good parts NG: {rule['image_promised_false_reject']:.3g}"
+                     + (f" (below {bound:.3g} with {100 * PROMISE_CONFIDENCE:.0f} % confidence)"
+                        if bound is not None else "")
                      + (" (the target was widened: the validation set supports no lower rate)"
                         if rule.get("image_target_widened") else ""))
     table = rule.get("validation_pixel_quantiles")

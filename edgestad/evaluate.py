@@ -89,10 +89,32 @@ def compute_metrics(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray,
     return result
 
 
+def decisions_line(d: dict) -> str:
+    """'at the bundle's image threshold T: 77/119 defective parts NG, 5/41 good parts NG (12.2 %,
+    95 % interval 4.1–26.2 %; promised 3.0 % on average, below 6.9 % with 90 % confidence)'."""
+    good = f"{d['good_ng']}/{d['good_total']} good parts NG"
+    detail = []
+    if d.get("good_rejected_interval_95"):
+        lo, hi = d["good_rejected_interval_95"]
+        detail.append(f"{100 * d['good_rejected']:.1f} %, 95 % interval "
+                      f"{100 * lo:.1f}–{100 * hi:.1f} %")
+    if d.get("promised_good_rejected") is not None:
+        from edgestad.thresholds import describe_promise
+        detail.append("promised " + describe_promise(d["promised_good_rejected"],
+                                                    d.get("promise_bound")))
+    if detail:
+        good += f" ({'; '.join(detail)})"
+    return (f"at the bundle's image threshold {d['threshold']:.4g}: "
+            f"{d['defective_ng']}/{d['defective_total']} defective parts NG, {good}")
+
+
 def decisions(scores: np.ndarray, labels: np.ndarray, threshold: float,
-              review: float | None = None, promised: float | None = None) -> dict:
+              review: float | None = None, promised: float | None = None,
+              promise_bound: float | None = None) -> dict:
     """OK/NG (and REVIEW) at the bundle's image threshold(s): defective parts caught, good parts
-    rejected, beside the false-reject rate the bundle promised."""
+    rejected with the 95 % interval of that rate (a few dozen test goods leave it wide), beside
+    the false-reject rate the bundle promised and its 90 % bound."""
+    from edgestad.thresholds import rate_interval
     ng = scores > threshold
     bad, good = labels == 1, labels == 0
     out = {"threshold": float(threshold),
@@ -100,12 +122,28 @@ def decisions(scores: np.ndarray, labels: np.ndarray, threshold: float,
            "good_ng": int((ng & good).sum()), "good_total": int(good.sum()),
            "defective_caught": float((ng & bad).sum() / max(1, bad.sum())),
            "good_rejected": float((ng & good).sum() / max(1, good.sum())),
-           "promised_good_rejected": promised}
+           "promised_good_rejected": promised, "promise_bound": promise_bound}
+    if good.any():
+        out["good_rejected_interval_95"] = list(rate_interval(out["good_ng"], out["good_total"]))
     if review is not None:
         flagged = (scores > review) & ~ng
         out.update(review_threshold=float(review), defective_review=int((flagged & bad).sum()),
                    good_review=int((flagged & good).sum()))
     return out
+
+
+def write_image_scores(path: Path, paths, defect_types, labels, scores, thresholds: dict) -> None:
+    """One row per test image: path, defect type, label, image score and the decision at the
+    bundle's thresholds, so the parts a line would have rejected can be looked at one by one."""
+    import csv
+    image, review = thresholds.get("image"), thresholds.get("image_review")
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["path", "defect_type", "label", "score", "decision"])
+        for p, kind, label, score in zip(paths, defect_types, labels, scores):
+            decision = ("" if image is None else "NG" if score > image
+                        else "REVIEW" if review is not None and score > review else "OK")
+            out.writerow([str(p), kind, int(label), f"{float(score):.9g}", decision])
 
 
 def model_line(manifest: dict) -> str:
@@ -172,11 +210,14 @@ def evaluate_bundle(bundle_path: Path, data: Path, out_dir: Path, backend: str =
     if "image" in thresholds:
         report["decisions_at_bundle_threshold"] = decisions(
             outputs["model"][1], labels, thresholds["image"], thresholds.get("image_review"),
-            ((thresholds.get("rule") or {}).get("image_promised_false_reject")))
+            (thresholds.get("rule") or {}).get("image_promised_false_reject"),
+            (thresholds.get("rule") or {}).get("image_promise_bound"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     (out_dir / "per_defect_type.md").write_text(per_type_table(report))
+    write_image_scores(out_dir / "scores.csv", paths, defect_types, labels, outputs["model"][1],
+                       thresholds)
     if plots:
         plot_pro_curves(all_maps, masks, out_dir / "pro_curve.png")
         save_overlays(images if boxes is None else _eval_grid_images(images, boxes),
@@ -285,11 +326,7 @@ def evaluate_command(bundle, data, out_dir, backend, precision, device, batch_si
         click.echo(f"image score part {key}: image AUROC {m['image_auroc']:.3f}")
     d = report.get("decisions_at_bundle_threshold")
     if d:
-        promised = (f" (promised {d['promised_good_rejected']:.1%})"
-                    if d.get("promised_good_rejected") is not None else "")
-        click.echo(f"at the bundle's image threshold {d['threshold']:.4g}: "
-                   f"{d['defective_ng']}/{d['defective_total']} defective parts NG, "
-                   f"{d['good_ng']}/{d['good_total']} good parts NG{promised}")
+        click.echo(decisions_line(d))
         if "review_threshold" in d:
             click.echo(f"REVIEW band above {d['review_threshold']:.4g}: "
                        f"{d['defective_review']} defective and {d['good_review']} good parts REVIEW")

@@ -17,6 +17,13 @@ that is the rate the bundle promises. The smallest rate n images can support is 
 was seen beyond the largest score. Such a target is widened, loudly: the threshold is the
 largest validation score and the bundle promises 1 / (n + 1), and says so (``widened``).
 
+k / (n + 1) is an average over the draw of the validation images; one bundle's own rate varies
+around it: the share of new good parts above the k-th largest of n validation scores is
+Beta(k, n + 1 − k) distributed, wide when k is small (k = 1, n = 32: 3.0 % on average, but above
+6.1 % for one bundle in seven). So every promise comes with the rate this bundle stays below
+with 90 % confidence (:func:`promise_bound`), and ``evaluate`` reports the delivered rate with
+its own interval (:func:`rate_interval`): a test set of 41 good parts cannot tell 3 % from 8 %.
+
 The older rule (``normal``: mean + z·std of the validation scores) extrapolates a normal tail
 beyond the data; measured on bottle, screw and magnetic_tile it promised 1 % and delivered several
 times more (studies/results/decisions). Bundles trained with it keep it for
@@ -44,9 +51,36 @@ def supported_false_reject(n: int) -> float:
     return 1.0 / (n + 1)
 
 
+PROMISE_CONFIDENCE = 0.9
+
+
+def promise_bound(k: int, n: int, confidence: float = PROMISE_CONFIDENCE) -> float:
+    """The false-reject rate a bundle thresholded at the k-th largest of n validation good scores
+    stays below with probability ``confidence`` (over the draw of its validation images): the
+    ``confidence`` quantile of Beta(k, n + 1 − k), whose mean k / (n + 1) is the promise."""
+    from scipy.stats import beta
+    return float(beta.ppf(confidence, k, n + 1 - k))
+
+
+def rate_interval(count: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper–Pearson) interval of a rate seen as ``count`` of ``n``: what a delivered
+    good-NG count on a test set says about the rate itself."""
+    from scipy.stats import binomtest
+    ci = binomtest(int(count), int(n)).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def describe_promise(promised: float, bound: float | None) -> str:
+    """'3.03 % on average, below 6.94 % with 90 % confidence'."""
+    text = f"{100 * promised:.3g} % on average"
+    if bound is not None:
+        text += f", below {100 * bound:.3g} % with {100 * PROMISE_CONFIDENCE:.0f} % confidence"
+    return text
+
+
 def rank_threshold(scores: Sequence[float], false_reject: float,
                    option: str = "--image-false-reject", min_k: int = 1) -> dict:
-    """{"threshold", "promised", "k", "n", "widened", "rule"} for target ``false_reject`` (0 = the
+    """{"threshold", "promised", "bound", "k", "n", "widened", "rule"} for target ``false_reject`` (0 = the
     largest validation score); ``min_k``: at least the k-th largest (a review band lies below the
     NG threshold's rank)."""
     if not 0 <= false_reject < 0.5:
@@ -61,13 +95,13 @@ def rank_threshold(scores: Sequence[float], false_reject: float,
     k = int(math.floor(false_reject * (n + 1) + 1e-9))
     widened = 0 < false_reject and k < min_k
     k = max(min_k, k)
-    promised = k / (n + 1)
+    promised, bound = k / (n + 1), promise_bound(k, n)
     rule = (f"the {_ordinal(k)} largest of {n} validation good image scores: "
-            f"promises {promised:.3g} of good parts NG (k/(n+1))")
+            f"promises good parts NG {describe_promise(promised, bound)} (k/(n+1); Beta(k, n+1-k))")
     if widened:
         rule += (f"; the target {false_reject:g} is below what {n} validation images support "
                  f"({min_k / (n + 1):.3g}), so it was widened")
-    return {"threshold": ordered[k - 1], "promised": promised, "k": k, "n": n,
+    return {"threshold": ordered[k - 1], "promised": promised, "bound": bound, "k": k, "n": n,
             "widened": widened, "rule": rule}
 
 
@@ -115,9 +149,11 @@ def recall_threshold(defect_scores: Sequence[float], recall: float, validation_s
     if validation_scores:
         n = len(validation_scores)
         above = sum(1 for s in validation_scores if s > threshold)
-        out.update(validation_good_ng=above / n, expected_good_ng=(above + 1) / (n + 1))
-        out["rule"] += (f"; {above}/{n} validation good images above it, expected good parts NG "
-                        f"about {(above + 1) / (n + 1):.3g}")
+        expected, bound = (above + 1) / (n + 1), promise_bound(above + 1, n)
+        out.update(validation_good_ng=above / n, expected_good_ng=expected,
+                   expected_good_ng_bound=bound)
+        out["rule"] += (f"; {above}/{n} validation good images above it: expected good parts "
+                        f"NG {describe_promise(expected, bound)}")
     return out
 
 
@@ -153,6 +189,8 @@ def fit_thresholds(val_maps: np.ndarray, val_scores: np.ndarray, pixel_fpr: floa
                     "pixel_fpr": pixel_fpr, "image": image["rule"],
                     "image_false_reject": image_false_reject,
                     "image_promised_false_reject": image["promised"],
+                    "image_promise_bound": image["bound"],
+                    "image_promise_confidence": PROMISE_CONFIDENCE,
                     "image_target_widened": image["widened"],
                     "validation_score_mean": mu, "validation_score_std": sigma,
                     "validation_score_max": float(scores.max()),
@@ -255,19 +293,23 @@ def new_thresholds(thresholds: Mapping, *, pixel_fpr: float | None = None,
         new["image"], text, image_rank = image_threshold_for_false_reject(thresholds, image_false_reject)
         rule.update(image=text, image_false_reject=image_false_reject,
                     image_promised_false_reject=image_rank["promised"] if image_rank else None,
+                    image_promise_bound=image_rank["bound"] if image_rank else None,
                     image_target_widened=bool(image_rank and image_rank["widened"]))
         rules.append(f"--image-false-reject {image_false_reject:g}: {text}")
     if image is not None:
         _set_by_hand(new, rules, "image", image, "--image-threshold", image_false_reject=None,
-                     image_promised_false_reject=None, image_target_widened=False)
+                     image_promised_false_reject=None, image_promise_bound=None,
+                     image_target_widened=False)
     if defects is not None:
         found = recall_threshold(defects, recall, rule.get("validation_scores"))
         new["image"] = found["threshold"]
         rule.update(image=found["rule"], image_false_reject=None,
                     image_promised_false_reject=found.get("expected_good_ng"),
+                    image_promise_bound=found.get("expected_good_ng_bound"),
                     image_target_widened=False, defects={
                         k: found[k] for k in ("defects", "caught", "recall", "validation_good_ng",
-                                              "expected_good_ng") if k in found})
+                                              "expected_good_ng", "expected_good_ng_bound")
+                        if k in found})
         rules.append(f"--defects ({len(defects)} images) --recall {recall:g}: {found['rule']}")
     if review_false_reject is not None:
         min_k = image_rank["k"] + 1 if image_rank else 1

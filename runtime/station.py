@@ -545,6 +545,7 @@ class Station:
                 pass
         return {"thresholds": self._thresholds_dict(), "history": history[-20:],
                 "promised_false_reject": rule.get("image_promised_false_reject"),
+                "promise_bound": rule.get("image_promise_bound"),
                 "rule": rule.get("image"), "changeable": self._why_not_changeable() is None,
                 "why_not": self._why_not_changeable(), "signature": self.model.get("signature")}
 

@@ -153,6 +153,16 @@ def test_cli_train_and_evaluate(tiny_dataset, tiny_teachers, tmp_path):
     assert (tmp_path / "eval" / "pro_curve.png").stat().st_size > 1000
     assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) >= 3
     assert load_bundle(bundle).manifest["evaluation"]["au_pro"] == report["au_pro"]
+    # one row per test image, its decision at the bundle's threshold; the counts agree
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))
+    d = report["decisions_at_bundle_threshold"]
+    assert len(rows) == 10 and sum(int(r["label"]) for r in rows) == report["anomalous"]
+    assert sum(r["decision"] == "NG" and r["label"] == "0" for r in rows) == d["good_ng"]
+    assert sum(r["decision"] == "NG" and r["label"] == "1" for r in rows) == d["defective_ng"]
+    assert all((float(r["score"]) > d["threshold"]) == (r["decision"] == "NG") for r in rows)
+    lo, hi = d["good_rejected_interval_95"]
+    assert lo <= d["good_rejected"] <= hi and "95 % interval" in r.output
 
 
 def test_cli_edge_preset_trains_p65_at_dense_stride_4_and_options_override_it(tiny_dataset,

@@ -202,7 +202,7 @@ async function openThresholds() {
   const info = await api("/api/thresholds");
   const t = info.thresholds;
   $("thrImage").value = t.image; $("thrReviewOn").checked = t.review !== null; $("thrReview").value = t.review ?? "";
-  $("thrPromise").textContent = (info.promised_false_reject !== null && info.promised_false_reject !== undefined ? `the bundle's rule promised ${pct(info.promised_false_reject)} of good parts NG · ` : "")
+  $("thrPromise").textContent = (info.promised_false_reject !== null && info.promised_false_reject !== undefined ? `the bundle's rule promised ${pct(info.promised_false_reject)} of good parts NG` + (info.promise_bound != null ? ` (below ${pct(info.promise_bound)} with 90 % confidence)` : "") + " · " : "")
     + (info.rule || "") + (info.changeable ? "" : ` · cannot change here: ${info.why_not}`) + ` · signature: ${info.signature}`;
   $("thrError").textContent = "";
   const ol = $("thrHistory"); ol.textContent = "";

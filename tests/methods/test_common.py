@@ -162,6 +162,37 @@ def test_image_threshold_is_the_rank_the_validation_set_supports():
     assert fit_thresholds(maps, scores, 0.001, 0.0)["image"] == 99.0
 
 
+def test_the_promise_and_its_bound_are_what_new_good_parts_deliver():
+    """Simulated trainings: draw n validation and many new good scores from one distribution,
+    threshold at the k-th largest validation score; the mean delivered rate is k/(n+1) and the
+    delivered rate exceeds the 90 % bound in about 10 % of the draws."""
+    from edgestad.thresholds import promise_bound
+    rng = np.random.default_rng(1)
+    n, k, draws = 32, 1, 4000
+    val = np.sort(rng.normal(size=(draws, n)), axis=1)[:, n - k]
+    from statistics import NormalDist
+    delivered = np.array([1 - NormalDist().cdf(t) for t in val])   # exact rate of each draw
+    assert delivered.mean() == pytest.approx(k / (n + 1), rel=0.06)
+    bound = promise_bound(k, n)
+    assert 0.0694 == pytest.approx(bound, abs=5e-4)          # 1 - 0.1 ** (1 / 32)
+    assert (delivered > bound).mean() == pytest.approx(0.10, abs=0.015)
+    t = fit_thresholds(np.zeros((n, 4, 4), np.float32), np.arange(float(n)), 0.001, 0.05)
+    assert t["rule"]["image_promise_bound"] == pytest.approx(bound)
+    assert "below 6.94 % with 90 % confidence" in t["rule"]["image"]
+
+
+def test_a_delivered_rate_comes_with_its_interval():
+    from edgestad.evaluate import decisions, decisions_line
+    scores = np.r_[np.zeros(36), np.full(5, 2.0), np.full(10, 3.0)]
+    labels = np.r_[np.zeros(41, int), np.ones(10, int)]
+    d = decisions(scores, labels, 1.0, promised=1 / 33, promise_bound=0.0694)
+    assert (d["good_ng"], d["defective_ng"]) == (5, 10)
+    lo, hi = d["good_rejected_interval_95"]
+    assert lo == pytest.approx(0.0408, abs=1e-4) and hi == pytest.approx(0.2620, abs=1e-4)
+    assert "5/41 good parts NG (12.2 %, 95 % interval 4.1–26.2 %; promised 3.03 % on average, " \
+           "below 6.94 % with 90 % confidence)" in decisions_line(d)
+
+
 def test_image_threshold_below_what_n_images_support_is_widened_loudly():
     rng = np.random.default_rng(0)
     scores = rng.normal(10.0, 2.0, 21)
