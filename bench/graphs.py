@@ -28,12 +28,14 @@ def export_onnx(model, path: Path, input_size: tuple[int, int], method: str | No
     try:
         import onnx
         from edgestad.export.onnx_export import export_fp32
-        fp32_modules = ()
-        if method not in (None, "peer"):   # the method's fp32 region, as `edgestad export` writes it
+        regions = {}
+        if method not in (None, "peer"):   # the method's precision regions, as `edgestad export` writes them
             from edgestad.methods import get_method
             m = get_method(method)
-            fp32_modules = m.fp32_modules(m.config_cls.from_dict(method_config or {}))
-        onnx.save(export_fp32(model, input_size, fp32_modules=fp32_modules), str(path))
+            config = m.config_cls.from_dict(method_config or {})
+            regions = {"fp32_modules": m.fp32_modules(config),
+                       "int8_fp16_feeds": m.int8_fp16_feeds(config)}
+        onnx.save(export_fp32(model, input_size, **regions), str(path))
         return path, "edgestad.export.onnx_export.export_fp32"
     except Exception as exc:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

@@ -36,7 +36,8 @@ PRECISION_CHOICES = ["fp32", "fp16", "int8", "all"]
               default=str(DEFAULT_INT8_FP16_STRIDE),
               show_default=True,
               help="int8 graph: the pretrained backbones' layers up to this stride (stem and first "
-                   "stages) are not quantized but run in fp16; 0 quantizes every convolution.")
+                   "stages) are not quantized but run in fp16; 0 quantizes every convolution but "
+                   "those feeding the global branch (always fp16).")
 @click.option("--calibration-data", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Dataset folder with the good images (default: the bundle's "
                                  "provenance.data). Also used for parity and accuracy.")

@@ -33,7 +33,7 @@ import onnx
 from edgestad.bundle import WEIGHTS_NAME, Bundle, load_bundle, record_exports
 from edgestad.contract import VALID_BOX_NAME, uses_valid_box
 
-from .onnx_export import DEFAULT_INT8_FP16_STRIDE, INT8_FP16_KEY
+from .onnx_export import DEFAULT_INT8_FP16_STRIDE, INT8_FEEDS_KEY, INT8_FP16_KEY
 from .graph import (DEFAULT_OPSET, INPUT_NAME, MAP_NAME, METADATA_FORMAT, ONNX_FILES, PRECISIONS,
                     REPORT_FILE, SCORE_NAME, check_io_contract, default_opset, op_counts,
                     read_metadata, set_metadata, sha256_bytes)
@@ -161,6 +161,10 @@ def _reusable(meta: dict, precision: str, bundle: Bundle, options: ExportOptions
         stored = "default" if stored == "separate" else stored
         checks.append((stored == form, f"network form {stored} != {form}"))
         checks.append((INT8_FP16_KEY in meta, "made before the int8 first-stages record"))
+        from edgestad.methods import get_method
+        method = get_method(manifest["method"])
+        feeds = method.int8_fp16_feeds(method.config_cls.from_dict(manifest["method_config"]))
+        checks.append((INT8_FEEDS_KEY in meta or not feeds, "made before the int8 global-branch record"))
     if precision != "fp32":
         checks.append((meta.get("source_fp32_sha256") == fp32_sha, "fp32 graph changed"))
     if precision == "int8":
@@ -168,6 +172,7 @@ def _reusable(meta: dict, precision: str, bundle: Bundle, options: ExportOptions
         checks.append((calib.get("images") == options.calibration_images
                        and calib.get("method") == options.calibration_method, "calibration settings differ"))
         checks.append((calib.get("fp16_stride", 0) == options.int8_fp16_stride, "--int8-fp16-stride differs"))
+        checks.append((calib.get("fp16_feeds", False), "made before the global branch's feeds ran fp16"))
     for ok, why in checks:
         if not ok:
             return why
@@ -297,9 +302,11 @@ def _make_fp32(work: _Work) -> None:
         work.log(f"exporting fp32 graph (opset {options.opset}, {manifest['method']}"
                  + (f", backbone {backbone}" if backbone else "")
                  + f", {_form(options)} form) from the torch model ...")
-        fp32_modules = method.fp32_modules(method.config_cls.from_dict(manifest["method_config"]))
+        config = method.config_cls.from_dict(manifest["method_config"])
         model = export_fp32(graph_source, bundle.input_size, options.opset,
-                            valid_box=uses_valid_box(manifest["input"]), fp32_modules=fp32_modules)
+                            valid_box=uses_valid_box(manifest["input"]),
+                            fp32_modules=method.fp32_modules(config),
+                            int8_fp16_feeds=method.int8_fp16_feeds(config))
         work.details["fp32"] = {"rule": "float32 everywhere (reference graph)",
                                 "network_form": _form(options)}
         set_metadata(model, _graph_metadata(bundle, "fp32", options.opset,
@@ -338,7 +345,8 @@ def _make_reduced(work: _Work) -> None:
             if precision == "int8":
                 extra["calibration"] = {"images": options.calibration_images,
                                         "method": options.calibration_method,
-                                        "fp16_stride": options.int8_fp16_stride}
+                                        "fp16_stride": options.int8_fp16_stride,
+                                        "fp16_feeds": True}
             set_metadata(models[precision], _graph_metadata(work.bundle, precision,
                                                             default_opset(fp32_model), extra))
             work.graphs[precision] = models[precision].SerializeToString()

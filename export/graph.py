@@ -295,5 +295,28 @@ def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {name: node for node in model.graph.node for name in node.output if name}
 
 
+def ancestors(node: onnx.NodeProto, produced_by: dict[str, onnx.NodeProto],
+              cache: dict[str, frozenset]) -> frozenset:
+    """Names of all nodes ``node`` depends on (iterative DFS with memo; graphs are deep)."""
+    if node.name in cache:
+        return cache[node.name]
+    stack = [(node, False)]
+    while stack:
+        current, expanded = stack.pop()
+        if current.name in cache:
+            continue
+        parents = [produced_by[i] for i in current.input if i in produced_by]
+        if not expanded:
+            stack.append((current, True))
+            stack.extend((p, False) for p in parents if p.name not in cache)
+            continue
+        result: set[str] = set()
+        for p in parents:
+            result.add(p.name)
+            result |= cache[p.name]
+        cache[current.name] = frozenset(result)
+    return cache[node.name]
+
+
 def names(nodes: Iterable[onnx.NodeProto]) -> list[str]:
     return [n.name for n in nodes]

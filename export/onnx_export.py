@@ -40,7 +40,9 @@ def _quiet_exporter():
 
 FP32_NODES_KEY = "edgestad.fp32_nodes"
 INT8_FP16_KEY = "edgestad.int8_fp16"   # {"<stride>": [nodes], ...}: the backbones' early layers
+INT8_FEEDS_KEY = "edgestad.int8_fp16_feeds"   # [nodes]: backbone layers feeding Method.int8_fp16_feeds
 INT8_FP16_STRIDES = (2, 4, 8)          # the choices of `--int8-fp16-stride` (besides 0)
+ALL_STAGES = 32                        # the deepest stride a backbone pyramid has
 DEFAULT_INT8_FP16_STRIDE = 4           # `edgestad export --int8-fp16-stride` and bench
 
 
@@ -73,16 +75,36 @@ def early_stage_modules(model, stride: int) -> list[str]:
             if isinstance(module, FeaturePyramid) for child in module.modules_up_to_stride(stride)]
 
 
+def _backbone_layers_feeding(proto: onnx.ModelProto, model, modules) -> set[str]:
+    """Names of the pretrained-backbone layers (any stride) the nodes of ``modules`` depend on."""
+    from .graph import ancestors, producers
+    if not modules:
+        return set()
+    targets = set(nodes_in_modules(proto, modules))
+    if not targets:
+        raise GraphError(f"the method declares int8-sensitive modules {list(modules)} but no "
+                         "exported node belongs to them")
+    backbone = set(nodes_in_modules(proto, early_stage_modules(model, ALL_STAGES)))
+    produced_by, cache = producers(proto), {}
+    upstream: set[str] = set()
+    for node in proto.graph.node:
+        if node.name in targets:
+            upstream |= ancestors(node, produced_by, cache)
+    return upstream & backbone
+
+
 def export_fp32(model, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,
                 example_batch: int = 2, valid_box: bool = False,
-                fp32_modules=()) -> onnx.ModelProto:
+                fp32_modules=(), int8_fp16_feeds=()) -> onnx.ModelProto:
     """The fp32 ONNX graph of ``model`` (images uint8 N x 3 x H x W [, valid_box N x 4] -> map,
     score).
 
     The example batch is 2, not 1: torch.export specialises a dimension whose example size is 1.
     The graph's metadata records the fp32 region the method declares and, for each stride in
     ``INT8_FP16_STRIDES``, the backbone layers at strides ≤ it: the region ``precision.to_int8``
-    keeps in fp16 for ``--int8-fp16-stride`` (so changing that option touches only the int8 graph).
+    keeps in fp16 for ``--int8-fp16-stride`` (so changing that option touches only the int8 graph),
+    and the backbone layers that feed the modules ``int8_fp16_feeds`` (``Method.int8_fp16_feeds``),
+    which the int8 graph keeps in fp16 too.
     """
     import torch
 
@@ -112,11 +134,14 @@ def export_fp32(model, input_size: tuple[int, int], opset: int = DEFAULT_OPSET,
     if fp32_modules and not forced:
         raise GraphError(f"the method declares fp32 modules {list(fp32_modules)} but no exported "
                          "node belongs to them")
+    feeds = _backbone_layers_feeding(proto, model, int8_fp16_feeds)
     proto = finalize(convert_opset(proto, opset))
     from .graph import set_metadata
     if forced:
         set_metadata(proto, {FP32_NODES_KEY: sorted(forced)})
     set_metadata(proto, {INT8_FP16_KEY: {s: sorted(set(nodes) - set(forced))
                                          for s, nodes in early.items()}})
+    if feeds:
+        set_metadata(proto, {INT8_FEEDS_KEY: sorted(feeds - set(forced))})
     check_io_contract(proto, (height, width), valid_box)
     return proto

@@ -181,9 +181,9 @@ def accuracy_cost(graphs: dict[str, bytes], test_images: np.ndarray, masks: np.n
                     log(f"  WARNING: the {precision} graph decides differently from fp32 on "
                         f"{1 - metrics['same_decision']:.1%} of the test images (good parts NG: "
                         f"{int((decisions[good] == 2).sum())} vs {int((base_decisions[good] == 2).sum())}"
-                        f" of {int(good.sum())}); its scores are not calibrated to the bundle's "
-                        f"thresholds - prefer fp16, or see `edgestad evaluate B DATA --backend onnx "
-                        f"--precision {precision}`")
+                        f" of {int(good.sum())}): parts that score within its rounding of the "
+                        f"bundle's thresholds" + (" - prefer fp16," if precision == "int8" else ";")
+                        + f" see `edgestad evaluate B DATA --backend onnx --precision {precision}`")
         if precision == "fp32":
             baseline = metrics
         elif baseline is not None:

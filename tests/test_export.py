@@ -235,7 +235,8 @@ def test_card_form_reuses_current_graphs_and_drops_stale_engines(exported, tmp_p
     assert manifest["exports"]["engines"] == []
     assert stale["file"] not in manifest["files"] and not (work / stale["file"]).exists()
     assert G.read_metadata(onnx.load(str(work / "model.int8.onnx")))["calibration"] == \
-        json.dumps({"images": 3, "method": "minmax", "fp16_stride": 4}, sort_keys=True)
+        json.dumps({"images": 3, "method": "minmax", "fp16_stride": 4, "fp16_feeds": True},
+                   sort_keys=True)
     # --int8-fp16-stride is an int8 setting: only the int8 graph is remade.
     fp32_before = _listing(work)["model.onnx"]
     result = runner.invoke(main, ["export", str(work), "-p", "int8", "--calibration-images", "3",

@@ -27,6 +27,8 @@ optional hooks:
 - ``deploy_forms()``: alternative graph forms of the same model (e.g. a fused ensemble);
 - ``fp32_modules(config)``: module paths whose operations must stay float32 in the fp16/int8
   graphs, beyond the structural rule (everything after the last convolution);
+- ``int8_fp16_feeds(config)``: module paths whose inputs the int8 graph must not quantize (the
+  backbone layers feeding them run fp16 there);
 - ``tiny(workdir)``: a tiny, fast instance (what the conformance test trains and exports).
 """
 from __future__ import annotations
@@ -243,6 +245,13 @@ class Method:
         if getattr(config, "global_branch", False):
             modules += ("global_gaussian", "score_fusion")
         return modules
+
+    def int8_fp16_feeds(self, config) -> tuple[str, ...]:
+        """Module paths whose inputs the int8 graph must not quantize: the backbone layers that
+        feed them run fp16 there. Default: the global branch's Gaussian, a Mahalanobis distance
+        over about a thousand pooled teacher channels that adds up their int8 rounding noise
+        (screw: its score correlated 0.952 with fp32's, the map's 0.9993)."""
+        return ("global_gaussian",) if getattr(config, "global_branch", False) else ()
 
     def backbone_of(self, config) -> str:
         return getattr(config, "backbone", self.default_backbone)

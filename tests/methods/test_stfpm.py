@@ -96,6 +96,43 @@ def test_int8_graph_keeps_the_backbones_first_stages_in_fp16():
         - len(early_convs) - len([n for n in proto.graph.node if n.op_type == "Conv" and n.name in forced])
 
 
+def test_int8_graph_keeps_what_feeds_the_global_branch_in_fp16():
+    """The global branch's Mahalanobis distance adds up the int8 noise of a thousand pooled
+    channels, so the teacher layers that feed it are not quantized (fp16) in the int8 graph,
+    whatever --int8-fp16-stride says; the students (which only feed the map) stay int8."""
+    from edgestad.export.graph import ancestors, producers
+    from edgestad.export.onnx_export import export_fp32
+    from edgestad.export.precision import forced_fp32_nodes, int8_fp16_nodes, to_int8
+    method = get_method("stfpm")
+    config = method.make_config(input_size=(64, 64))
+    assert method.int8_fp16_feeds(config) == ("global_gaussian",)
+    assert method.int8_fp16_feeds(config.replace(global_branch=False)) == ()
+    model = method.build(config).eval()
+    proto = export_fp32(model, (64, 64), fp32_modules=method.fp32_modules(config),
+                        int8_fp16_feeds=method.int8_fp16_feeds(config))
+    convs = {n.name for n in proto.graph.node if n.op_type == "Conv"}
+    # the Gaussian's nodes read its buffers; every convolution they depend on is kept, no other
+    produced_by, cache = producers(proto), {}
+    feeding = set()
+    for node in proto.graph.node:
+        if any(i.startswith("global_gaussian.") for i in node.input):
+            feeding |= ancestors(node, produced_by, cache)
+    kept = int8_fp16_nodes(proto, 0) & convs
+    assert kept and kept == feeding & convs
+    assert int8_fp16_nodes(proto, 4) > int8_fp16_nodes(proto, 0)
+    student = convs - feeding - forced_fp32_nodes(proto)    # the map's own convolutions
+    assert len(student) > len(kept) / 2
+    calibration = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    quantized, info = to_int8(proto, calibration, fp16_stride=0)
+    assert info["fp16_convs"] == len(kept)
+    produced_by = producers(quantized)
+    for conv in (n for n in quantized.graph.node if n.op_type == "Conv"):
+        if conv.name in kept:
+            assert produced_by[conv.input[0]].op_type != "DequantizeLinear", conv.name
+        elif conv.name in student:
+            assert produced_by[conv.input[0]].op_type == "DequantizeLinear", conv.name
+
+
 def test_student_batchnorm_statistics_are_recomputed_over_the_training_images(tiny_dataset, tmp_path):
     """After fit, every student BN layer's running mean equals the exact mean of its inputs over
     the training images (not the exponential average of the training run)."""
