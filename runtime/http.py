@@ -299,8 +299,8 @@ class RuntimeHttpServer:
         self._frame_event: asyncio.Event | None = None
         self._result_event: asyncio.Event | None = None
         self._watchers = 0
+        self._waiting = {"_frame_event": 0, "_result_event": 0}   # streams awaiting each event
         self._stopping = False
-        self._updates = 0                                  # wake-ups seen by the loop
         self._live_cache: tuple[tuple[int, int], bytes] | None = None
         self._scores_cache: dict[float, tuple[float, dict]] = {}
         raise_open_file_limit()
@@ -324,10 +324,14 @@ class RuntimeHttpServer:
     # ------------------------------------------------------------------ loop and lifecycle
 
     def _from_output_thread(self, attr: str) -> Callable[[], None]:
-        """A callback for the output thread that wakes the loop's waiters, only when there are
-        any (without viewers the page costs nothing per frame)."""
+        """A callback for the output thread that wakes the loop, only when a stream is waiting on
+        this event right now: without viewers the page costs nothing per frame, and with viewers
+        a source faster than the stream's and the lamp's rates costs no wake-up per frame (a
+        viewer rate-capped or busy reads the newest state when it next looks). No wake-up is
+        lost: the frame's sequence number is bumped before this runs, and a waiter counts itself
+        before it compares that number (``_next``), so one of the two sees the other."""
         def notify() -> None:
-            if self._watchers and not self._loop.is_closed():
+            if self._waiting[attr] and not self._loop.is_closed():
                 try:
                     self._loop.call_soon_threadsafe(self._wake, attr)
                 except RuntimeError:   # loop closed meanwhile
@@ -335,11 +339,27 @@ class RuntimeHttpServer:
         return notify
 
     def _wake(self, attr: str) -> None:
-        self._updates += 1
         event = getattr(self, attr)
         if event is not None:
             event.set()
             setattr(self, attr, asyncio.Event())
+
+    async def _next(self, attr: str, changed: Callable[[], bool], timeout: float = 1.0) -> None:
+        """Wait until ``changed()`` (a new frame or result) or ``timeout`` s."""
+        self._waiting[attr] += 1
+        try:
+            if changed():
+                return
+            try:
+                await asyncio.wait_for(getattr(self, attr).wait(), timeout=timeout)
+            except asyncio.TimeoutError:
+                pass
+        finally:
+            self._waiting[attr] -= 1
+
+    def _versions(self) -> tuple[int, int]:
+        """(frame, result) sequence numbers: what the live state was built from."""
+        return self.feed.seq, (self.station.sink.seq if self.station is not None else 0)
 
     def _serve(self, started: threading.Event) -> None:
         from aiohttp import web
@@ -519,7 +539,7 @@ class RuntimeHttpServer:
     def _live_message(self, now: float) -> bytes:
         """The server-sent state, serialised once per update (and per second for the heartbeat)
         whoever watches."""
-        key = (self._updates, int(now))
+        key = (self._versions(), int(now))
         if self._live_cache is None or self._live_cache[0] != key:
             data = json.dumps(self._state(), default=str, separators=(",", ":"))
             self._live_cache = (key, f"data: {data}\n\n".encode())
@@ -660,10 +680,7 @@ class RuntimeHttpServer:
             seq = -1
             while not self._stopping and not self.feed.closed and not _gone(request):
                 if self.feed.seq == seq or self.feed.seq == 0:
-                    try:
-                        await asyncio.wait_for(self._frame_event.wait(), timeout=1.0)
-                    except asyncio.TimeoutError:
-                        pass
+                    await self._next("_frame_event", lambda: self.feed.seq not in (seq, 0))
                     continue
                 got = await self._loop.run_in_executor(self._encoder, self.feed.jpeg, overlay)
                 if got is None:
@@ -700,12 +717,10 @@ class RuntimeHttpServer:
             await self._write(resp, b"retry: 1000\n\n")
             while not self._stopping and not _gone(request):
                 sent_at = time.monotonic()
+                sent = self._versions()
                 await self._write(resp, self._live_message(sent_at))
-                event = self._result_event if self.station is not None else self._frame_event
-                try:
-                    await asyncio.wait_for(event.wait(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    pass
+                await self._next("_result_event" if self.station is not None else "_frame_event",
+                                 lambda: self._versions() != sent)
                 wait = sent_at + LIVE_MIN_INTERVAL_S - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)

@@ -232,3 +232,25 @@ def test_viewers_share_one_encoding(serve):
         stop.set()
     assert len(parts) == 5 and all(12 <= p <= 23 for p in parts), parts
     assert encoded <= 26, encoded      # 2 s (plus connection set-up) at 10 encodings a second
+
+
+def test_a_fast_source_wakes_the_page_only_when_a_viewer_waits(serve):
+    """A 200 fps source, one viewer at a 10 fps cap: the viewer still gets ~10 parts/s, and the
+    output thread wakes the server's loop only when the viewer is waiting for a frame, not for
+    every frame (each wake-up is a cross-thread call the inference competes with)."""
+    srv = serve()
+    srv.feed.min_interval = 0.1
+    wakes = []
+    wake = srv._wake
+    srv._wake = lambda attr: (wakes.append(attr), wake(attr))
+    stop = threading.Event()
+    _produce(srv.feed, stop, period=0.005)
+    try:
+        frames_before = srv.feed.seq
+        parts = _count_parts(srv.address, 2.0)
+        frames = srv.feed.seq - frames_before
+    finally:
+        stop.set()
+    assert 14 <= parts <= 23, parts
+    assert frames > 150, frames              # the source really ran faster than the stream
+    assert len(wakes) <= frames / 4, (len(wakes), frames)
