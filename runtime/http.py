@@ -112,10 +112,10 @@ class OverlayFeed(Sink):
         now = time.monotonic()
         with self._cond:
             seq, result = self._seq, self._result
-            cached = self._jpeg.get(overlay)
             if result is None:
                 return None
-            if cached is not None and (cached[0] == seq or now - self._encoded_at[overlay] < self.min_interval):
+            cached = self._current(overlay, now)
+            if cached is not None:
                 return cached
         picture = render_overlay(result, self.thresholds) if overlay else result.frame_bgr()
         if picture is None:
@@ -128,6 +128,18 @@ class OverlayFeed(Sink):
             self._encoded_at[overlay] = now
             self.encodings += 1
             return self._jpeg[overlay]
+
+    def _current(self, overlay: bool, now: float) -> tuple[int, bytes] | None:
+        cached = self._jpeg.get(overlay)
+        if cached is not None and (cached[0] == self._seq or now - self._encoded_at[overlay] < self.min_interval):
+            return cached
+        return None
+
+    def cached_jpeg(self, overlay: bool = True) -> tuple[int, bytes] | None:
+        """The shared JPEG when it is still the one to serve (no encoding needed), else None: the
+        server's loop takes it without handing the call to the encoder thread."""
+        with self._cond:
+            return self._current(overlay, time.monotonic())
 
     def wait_jpeg(self, after_seq: int, timeout: float, overlay: bool = True) -> tuple[int, bytes] | None:
         """The JPEG of the first frame newer than ``after_seq``, or None on timeout/close (for
@@ -682,7 +694,8 @@ class RuntimeHttpServer:
                 if self.feed.seq == seq or self.feed.seq == 0:
                     await self._next("_frame_event", lambda: self.feed.seq not in (seq, 0))
                     continue
-                got = await self._loop.run_in_executor(self._encoder, self.feed.jpeg, overlay)
+                got = (self.feed.cached_jpeg(overlay)
+                       or await self._loop.run_in_executor(self._encoder, self.feed.jpeg, overlay))
                 if got is None:
                     await asyncio.sleep(0.05)
                     continue
