@@ -141,7 +141,7 @@ def _relative_names(paths: Sequence[Path]) -> list[str]:
 
 def split_train_val(
     paths: Iterable[str | os.PathLike],
-    val_fraction: float = 0.1,
+    val_fraction: float,
     seed: int = 0,
     min_val: int = 1,
 ) -> tuple[list[Path], list[Path]]:

@@ -50,6 +50,7 @@ def training_image_paths(bundle: Bundle, data: str | os.PathLike | None = None) 
         paths = good_images(folder)
         if not paths:
             raise CalibrationError(f"no good images found in {folder}")
+        # bundles that predate the split record were split at 0.1, the default of that time
         train, _val = split_train_val(paths, val_fraction=float(split.get("val_fraction", 0.1)),
                                       seed=int(split.get("seed", 0)))
     except DataError as exc:

@@ -257,7 +257,7 @@ def test_split_is_deterministic_and_independent_of_order_and_location(tmp_path):
     assert len(split_train_val(a[:5], val_fraction=0.01, min_val=2)[1]) == 2
     assert split_train_val(a[:5], val_fraction=0.0, min_val=0)[1] == []
     with pytest.raises(DataError, match="cannot split 1 image"):
-        split_train_val(a[:1])
+        split_train_val(a[:1], 0.2)
     with pytest.raises(DataError, match="val_fraction"):
         split_train_val(a, val_fraction=1.0)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from edgestad.contract import RESIZE_RULES
+from edgestad.methods.base import TrainSettings
 
 
 def _device(name: str) -> str:
@@ -153,11 +154,11 @@ def _method_for(method: str | None, preset: str | None, given: dict, default: st
               help="Option augment (training augmentation): rotate = random 90° turns and "
               "flips, for parts that lie at any angle; auto = rotate when the training images show "
               "varied orientations, else the method's own; default: the method's own (below).")
-@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+@click.option("--val-fraction", type=float, default=TrainSettings.val_fraction, show_default=True,
               help="Share of good images held out for score statistics and thresholds.")
-@click.option("--pixel-fpr", type=float, default=0.001, show_default=True,
+@click.option("--pixel-fpr", type=float, default=TrainSettings.pixel_fpr, show_default=True,
               help="Pixel threshold: this false-positive rate on validation good pixels.")
-@click.option("--image-false-reject", type=float, default=0.05, show_default=True,
+@click.option("--image-false-reject", type=float, default=TrainSettings.image_false_reject, show_default=True,
               help="Image threshold: the share of good parts expected NG; the threshold is the "
               "k-th largest validation good score, k = floor(rate·(n+1)), and the bundle promises "
               "k/(n+1). n validation images support no rate below 1/(n+1): a lower target is "
@@ -178,7 +179,7 @@ def train(data, bundle, method, backbone, backbone_weights, epochs, batch_size, 
           extra, force):
     """Train a model on the good images of DATA (an MVTec category or a plain folder)."""
     from edgestad.methods import DEFAULT_METHOD, get_method
-    from edgestad.methods.base import MethodConfigError, TrainSettings
+    from edgestad.methods.base import MethodConfigError
     from edgestad.methods.common.checkpoint import CheckpointMismatch
     from .fit import TrainError, train_bundle
 
