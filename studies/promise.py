@@ -173,7 +173,8 @@ def main() -> None:
               "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "runs": rows}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    made = "".join(f"; earlier runs: `{e['command']}` ({e['date_utc']})" for e in earlier)
+    made = ("; earlier runs: " + "; ".join(f"`{e['command']}` ({e['date_utc']})" for e in earlier)
+            if earlier else "")
     (OUT / f"{args.name}.md").write_text(f"`{result['command']}` ({result['date_utc']}){made}\n\n{md}\n")
     print(md)
 

@@ -160,7 +160,7 @@ class TrainSettings:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
-    val_fraction: float = 0.1
+    val_fraction: float = 0.2                     # 0.05 (n + 1) >= 1 from 95 good images on
     pixel_fpr: float = 0.001
     image_false_reject: float = 0.05               # k = floor(0.05 (n + 1)); 0: the largest
     review_false_reject: float | None = None      # a REVIEW band below the NG threshold
