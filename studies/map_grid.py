@@ -7,10 +7,10 @@ once (``finest``: two full-size resizes and products fewer). Issue 17, item 7.
 Per category: 1. ``edgestad train DATA --out runs/map_grid/<cat>_input -o map_grid=input`` (the
 default otherwise); 2. the same weights with ``map_grid=finest``: ``map_grid`` only changes the
 map after the students (a setting a resume ignores), so the second bundle is the first one's
-weights with everything fitted after training fitted again by training's own code
-(``train.fit.fit_decisions``: score statistics, the global branch's normalisation, thresholds)
-on the same validation split; 3. ``edgestad evaluate`` of both (AU-PRO, AUROCs, OK/NG at each
-bundle's own thresholds); 4. ``edgestad bench`` of both beside EfficientAD-S in the same run
+weights with everything fitted after training (score statistics, the global branch's
+normalisation, thresholds) fitted again by training's own code on the same validation split
+(``studies/refit.py``); 3. ``edgestad evaluate`` of both (AU-PRO, AUROCs, OK/NG at each bundle's
+own thresholds); 4. ``edgestad bench`` of both beside EfficientAD-S in the same run
 (ONNX Runtime fp32, 2 threads; the bottle bundles: speed does not depend on the category).
 Writes studies/results/map_grid.json.
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from method_run import CATEGORIES, data_root  # noqa: E402
+from refit import refit  # noqa: E402
 
 EDGESTAD = [sys.executable, "-m", "edgestad.cli"]
 
@@ -37,43 +38,6 @@ def run(cmd: list, log: Path) -> float:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, cmd))} failed ({proc.returncode}); see {log}")
     return round(time.time() - started, 1)
-
-
-def refit_with_grid(bundle_dir: Path, out: Path, grid: str) -> None:
-    """``bundle_dir``'s weights with ``map_grid=grid``, everything after training fitted again."""
-    from edgestad.bundle import load_bundle, write_bundle
-    from edgestad.datasets import good_images, load_images, split_train_val
-    from edgestad.methods import get_method, load_model
-    from edgestad.methods.base import TrainSettings
-    from edgestad.train.fit import fit_decisions
-
-    bundle = load_bundle(bundle_dir)
-    manifest = json.loads(json.dumps(bundle.manifest))
-    model = load_model(bundle)
-    model.config = model.config.replace(map_grid=grid)
-    prov = manifest["provenance"]
-    paths = good_images(Path(prov["data"]))
-    train_paths, val_paths = split_train_val(paths, prov["split"]["val_fraction"], prov["split"]["seed"])
-    section = manifest["input"]
-    size, resize, roi = (section["height"], section["width"]), section["resize"], section.get("roi")
-    train = load_images(train_paths, size, resize=resize, with_boxes=True, roi=roi)
-    val = load_images(val_paths, size, resize=resize, with_boxes=True, roi=roi)
-    rule = manifest["thresholds"]["rule"]
-    settings = TrainSettings(val_fraction=prov["split"]["val_fraction"], seed=prov["split"]["seed"],
-                             **{k: rule[k] for k in ("pixel_fpr", "image_false_reject", "review_false_reject")
-                                if k in rule})
-    score_stats, global_branch, thresholds = fit_decisions(
-        get_method(manifest["method"]), model, train, val, settings, "cpu")
-    manifest["method_config"]["map_grid"] = grid
-    manifest.update(score_stats=score_stats, thresholds=thresholds)
-    if global_branch:
-        manifest["global_branch"] = global_branch
-    prov["refit"] = {"from": str(bundle_dir), "changed": {"map_grid": grid},
-                     "what": "same weights; score statistics, global branch and thresholds fitted again"}
-    for key in ("format", "format_version", "created", "code_version", "files", "decision_digest",
-                "exports", "threshold_changes"):
-        manifest.pop(key, None)
-    write_bundle(out, manifest, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
 
 
 def main() -> None:
@@ -95,7 +59,7 @@ def main() -> None:
             rows["train_seconds"] = run(cmd, args.work / f"{category}_train.log")
             result["commands"].append(" ".join(map(str, cmd[2:])))
         if not (b / "manifest.json").exists():
-            refit_with_grid(a, b, "finest")
+            refit(a, b, {"map_grid": "finest"})
         for grid, bundle in (("input", a), ("finest", b)):
             cmd = EDGESTAD + ["evaluate", bundle, data, "--out", args.work / f"{bundle.name}_eval"]
             run(cmd, args.work / f"{bundle.name}_eval.log")

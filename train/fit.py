@@ -133,13 +133,18 @@ def train_bundle(data: Path, bundle_path: Path, method_name: str, config, settin
                          "replace it (or choose another --out)")
     started = time.time()
     method = get_method(method_name)
-    epochs = settings.epochs if settings.epochs is not None else method.defaults["epochs"]
     batch_size = settings.batch_size if settings.batch_size is not None else method.defaults["batch_size"]
     lr = settings.lr if settings.lr is not None else method.defaults["lr"]
     options = method.resolve_options(settings.options, config)   # typed, checked, defaults
 
     paths = good_images(data)
     train_paths, val_paths = split_train_val(paths, settings.val_fraction, settings.seed)
+    epochs = settings.epochs
+    if epochs is None:
+        epochs = method.default_epochs(len(train_paths), batch_size)
+        if epochs != method.defaults["epochs"]:
+            echo(f"epochs: {epochs} ({len(train_paths)} training images: "
+                 f"{method.name}'s default is {method.epochs_rule()})")
     roi = settings.roi
     if getattr(config, "resize", "area_or_linear") == "auto":
         # a region of interest gives every image the same aspect ratio

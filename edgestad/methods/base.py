@@ -34,6 +34,7 @@ optional hooks:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -45,8 +46,8 @@ class MethodConfigError(ValueError):
 
 # Settings applied after training (map post-processing, the global branch fitted from frozen
 # teacher features, the image-score fusion): a resume ignores them.
-POST_TRAINING_SETTINGS = ("map_sigma", "map_grid", "image_score", "global_branch", "global_levels",
-                          "score_fusion", "score_normalization")
+POST_TRAINING_SETTINGS = ("map_sigma", "map_grid", "image_score", "score_margin", "global_branch",
+                          "global_levels", "score_fusion", "score_normalization")
 
 
 class ConfigMixin:
@@ -194,6 +195,11 @@ class Method:
     config_cls: type = None    # type: ignore[assignment]
     # epochs, batch_size, lr
     defaults: dict = {}
+    # A folder with many images needs fewer epochs for the same number of optimizer steps: when
+    # set, the default epoch count is no more than reaches ``default_steps`` steps, and never
+    # below ``min_epochs`` (``default_epochs``); None: always ``defaults["epochs"]``.
+    default_steps: int | None = None
+    min_epochs: int = 1
     # the training options this method understands (Option); the CLI refuses others for it
     options: tuple[Option, ...] = ()
     # named starting points: preset name → settings (``train --preset``)
@@ -223,6 +229,23 @@ class Method:
         return train(model, images, ctx, self.resolve_options(ctx.options))
 
     # --- defaults ------------------------------------------------------------------------------
+    def default_epochs(self, train_images: int, batch_size: int) -> int:
+        """The epochs a training runs when ``--epochs`` is not given, for this many training
+        images."""
+        epochs = self.defaults["epochs"]
+        if self.default_steps is None:
+            return epochs
+        per_epoch = max(1, math.ceil(train_images / batch_size))
+        return max(self.min_epochs, min(epochs, math.ceil(self.default_steps / per_epoch)))
+
+    def epochs_rule(self) -> str:
+        """The default epoch count in words (what ``edgestad methods`` shows)."""
+        epochs = self.defaults.get("epochs")
+        if self.default_steps is None:
+            return f"{epochs}"
+        return (f"{epochs} (fewer for large folders: no more than reach {self.default_steps} "
+                f"optimizer steps, at least {self.min_epochs})")
+
     def prepare(self, config, options: dict):
         return config
 

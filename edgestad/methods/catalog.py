@@ -28,8 +28,9 @@ def describe(method: Method, settings: bool = True) -> list[str]:
     default = " (default)" if method.name == DEFAULT_METHOD else ""
     lines = [f"{method.name}{default}: {method.summary()}"]
     if method.defaults:
-        lines.append("  defaults: " + ", ".join(f"{k.replace('_', ' ')} {v}"
-                                                for k, v in method.defaults.items()))
+        lines.append("  defaults: " + ", ".join(
+            f"{k.replace('_', ' ')} {method.epochs_rule() if k == 'epochs' else v}"
+            for k, v in method.defaults.items()))
     if settings:
         lines.append(textwrap.fill(f"settings (-o NAME=VALUE, or their own flags): "
                                    f"{setting_defaults(method)}", WIDTH, initial_indent="  ",

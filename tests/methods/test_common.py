@@ -105,11 +105,11 @@ def test_letterbox_keeps_the_aspect_ratio_and_centres():
 
 class _Identity(AnomalyModel):
     """A model whose map is a hand-made tensor, to test masking and the score rules."""
-    def __init__(self, rule, size=(8, 8), map_sigma=0.0):
+    def __init__(self, rule, size=(8, 8), map_sigma=0.0, score_margin=0):
         super().__init__()
         from types import SimpleNamespace
         self.config = SimpleNamespace(input_size=size, image_score=rule, resize="letterbox",
-                                      map_sigma=map_sigma)
+                                      map_sigma=map_sigma, score_margin=score_margin)
         self.init_input((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
@@ -224,6 +224,44 @@ def test_topk_score_on_letterbox_never_averages_padding():
     amap[0, 0, :2, :2] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     _, score = model.finish(amap, box)
     assert float(score) == pytest.approx(2.5)     # the mean of the 4 image pixels
+
+
+def test_score_margin_keeps_the_frame_edge_out_of_the_image_score_not_out_of_the_map():
+    plain, inset = _Identity("max", size=(12, 12)), _Identity("max", size=(12, 12), score_margin=2)
+    amap = torch.zeros(2, 1, 12, 12)
+    amap[0, 0, 0, 11] = 9.0                       # a hot corner: the frame's edge
+    amap[0, 0, 5, 5] = 1.0
+    amap[1, 0, 2, 2] = 4.0                        # just inside the margin: counted
+    out, score = inset.finish(amap, None)
+    assert score.tolist() == [1.0, 4.0]
+    assert plain.finish(amap, None)[1].tolist() == [9.0, 4.0]
+    assert torch.equal(out, amap)                 # the map still shows the edge
+    # with a letterbox box the margin runs along the image's own edges, inside the padding
+    box = torch.tensor([[3.0, 0.0, 9.0, 12.0], [3.0, 0.0, 9.0, 12.0]])
+    amap = torch.zeros(2, 1, 12, 12)
+    amap[0, 0, 3, 6] = 7.0                        # the image's top row
+    amap[0, 0, 5, 6] = 2.0                        # 2 px inside it
+    amap[1, 0, 6, 1] = 3.0                        # 1 px from the left edge
+    assert inset.finish(amap, box)[1].tolist() == [2.0, 0.0]
+    region = inset.scored_region(box)[0, 0]
+    expected = torch.zeros(12, 12, dtype=torch.bool)
+    expected[5:7, 2:10] = True
+    assert torch.equal(region, expected)
+
+
+def test_score_margin_is_checked_and_older_bundles_load_without_it():
+    from edgestad.methods import get_method
+    config_cls = get_method("stfpm").config_cls
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="score_margin"):
+            config_cls(score_margin=bad)
+    with pytest.raises(ValueError, match="score_margin: 17 px leaves less than half"):
+        config_cls(input_size=(64, 64), score_margin=17)
+    stored = config_cls(score_margin=8).to_dict()
+    del stored["score_margin"]                    # a bundle written before the margin existed
+    assert config_cls.from_dict(stored).score_margin == 0
+    from edgestad.methods.base import training_config
+    assert training_config(config_cls(score_margin=8)) == training_config(config_cls(score_margin=0))
 
 
 def test_map_smoothing_is_a_gaussian_blur_over_the_valid_pixels():

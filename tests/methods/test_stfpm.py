@@ -64,6 +64,32 @@ def test_fp16_and_int8_graphs_keep_the_map_smoothing_and_its_input_fp32():
         assert q_produced_by[q_conv.input[0]].op_type != "DequantizeLinear"
 
 
+def test_exported_graph_scores_without_the_frame_edge_like_torch():
+    """score_margin lives in the graph: the ONNX image score equals torch's, and a hot edge that
+    decides the score without the margin does not decide it with one."""
+    ort = pytest.importorskip("onnxruntime")
+    from edgestad.export.onnx_export import export_fp32
+    method = get_method("stfpm")
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    images[0, :, :6, :6] = 255                          # a bright corner on the first image
+    scores = {}
+    for margin in (0, 6):
+        config = method.make_config(input_size=(64, 64), global_branch=False, image_score="max",
+                                    score_margin=margin)
+        torch.manual_seed(0)
+        model = method.build(config).eval()
+        proto = export_fp32(model, (64, 64), fp32_modules=method.fp32_modules(config))
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        got_map, got_score = session.run(None, {"images": images})
+        with torch.no_grad():
+            ref_map, ref_score = (t.numpy() for t in model(torch.from_numpy(images)))
+        assert np.allclose(got_score, ref_score, rtol=1e-4, atol=1e-7)
+        inner = got_map[:, 0, margin:64 - margin, margin:64 - margin]
+        assert np.allclose(got_score, inner.reshape(2, -1).max(1), rtol=1e-5)
+        scores[margin] = got_score
+    assert scores[6][0] < scores[0][0]                  # the corner no longer decides
+
+
 def test_int8_graph_keeps_the_backbones_first_stages_in_fp16():
     """--int8-fp16-stride 4: the stem and stride-2/4 stages of teacher and student are not
     quantized and run fp16; every other Conv (except the fp32 smoothing) is int8."""
@@ -179,3 +205,19 @@ def test_resnet_students_normalisations():
     assert stats["map_min"] < stats["map_max"]
     with pytest.raises(ValueError, match="normalization"):
         method.make_config(normalization="zscore")
+
+
+def test_default_epochs_are_60_and_fewer_only_for_large_folders():
+    """stfpm's default: 60 epochs, no more than reach 960 optimizer steps (large folders get their
+    steps in fewer epochs), never fewer than 30; other methods keep their fixed count."""
+    stfpm = get_method("stfpm")
+    assert stfpm.default_epochs(167, 16) == 60           # bottle's training images at 20 % validation
+    assert stfpm.default_epochs(256, 16) == 60           # screw's: exactly 960 steps
+    assert stfpm.default_epochs(400, 16) == 39           # 25 steps an epoch: ⌈960 / 25⌉
+    assert stfpm.default_epochs(544, 16) == 30           # magnetic_tile's: 29 would do, 30 at least
+    assert stfpm.default_epochs(10_000, 16) == 30
+    assert "60 (fewer for large folders: no more than reach 960 optimizer steps, at least 30)" \
+        == stfpm.epochs_rule()
+    rstpm = get_method("rstpm")
+    assert rstpm.default_steps is None
+    assert rstpm.default_epochs(10_000, 16) == rstpm.defaults["epochs"]

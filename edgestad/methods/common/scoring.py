@@ -9,7 +9,9 @@ Image-score rules (``image_score`` in each method's config):
 - ``max``: the map's maximum (one pixel decides);
 - ``topk:F``: the mean of the top F·H·W map values (e.g. ``topk:0.01`` = top 1 %), less
   sensitive to a single hot pixel. k is capped at 3840, TensorRT's TopK limit.
-Both are computed over the valid (non-padding) pixels only.
+Both are computed over the valid (non-padding) pixels only, less a margin of ``score_margin``
+pixels along the frame's (or the letterbox image's) edges when a config sets one: the map still
+shows the edge, the image score does not count it.
 
 Map smoothing (``map_sigma`` in a method's config, pixels of the model input; 0 = off): a
 Gaussian blur of the anomaly map before the score, as PatchCore and PaDiM do (σ = 4 px for their
@@ -41,6 +43,9 @@ def describe_image_score(config) -> str:
     kind, fraction = parse_image_score(rule)
     text = ("maximum of the anomaly map (valid pixels)" if kind == "max" else
             f"mean of the top {fraction:g} of the anomaly map's valid pixels")
+    margin = 0 if isinstance(config, str) else int(getattr(config, "score_margin", 0) or 0)
+    if margin:
+        text += f", {margin} px from the edges"
     if not isinstance(config, str) and getattr(config, "global_branch", False):
         fuse = "sum" if config.score_fusion == "sum" else "maximum"
         text = (f"{fuse} of the {text} and the global Gaussian score of pooled teacher features "
@@ -149,20 +154,33 @@ class AnomalyModel(nn.Module):
         cols = (self.pixel_cols >= left) & (self.pixel_cols < right)
         return rows & cols
 
+    def scored_region(self, valid_box: torch.Tensor | None) -> torch.Tensor | None:
+        """The pixels the image score counts: the valid ones (all, without a box) less
+        ``score_margin`` pixels along their edges; None = every pixel."""
+        margin = int(getattr(self.config, "score_margin", 0) or 0)
+        if margin == 0:
+            return None if valid_box is None else self.valid_mask(valid_box)
+        if valid_box is None:
+            h, w = self.config.input_size
+            valid_box = torch.tensor([[0, 0, h, w]], dtype=torch.float32, device=self.pixel_rows.device)
+        inset = torch.tensor([margin, margin, -margin, -margin], dtype=torch.float32,
+                             device=self.pixel_rows.device)
+        return self.valid_mask(valid_box.float() + inset)
+
     def finish(self, amap: torch.Tensor, valid_box: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Smooth (``map_sigma``), mask the padding (set to the image's lowest valid value) and
-        apply the score rule."""
+        apply the score rule over the scored region (``scored_region``)."""
         if valid_box is None:
             if self.map_smoothing is not None:
                 amap = self.map_smoothing(amap)
-            return amap, image_score(amap, self.config.image_score)
+            return amap, image_score(amap, self.config.image_score, self.scored_region(None))
         valid = self.valid_mask(valid_box)
         if self.map_smoothing is not None:
             amap = self.map_smoothing(amap, valid)
         lowest = torch.where(valid, amap, torch.full_like(amap, _BIG)).amin(dim=(1, 2, 3), keepdim=True)
         amap = torch.where(valid, amap, lowest)
-        return amap, image_score(amap, self.config.image_score, valid)
+        return amap, image_score(amap, self.config.image_score, self.scored_region(valid_box))
 
     def scores(self, images: torch.Tensor, valid_box: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -92,6 +92,16 @@ def check_map_sigma(sigma: float, input_size) -> None:
                          f"larger than the input {tuple(input_size)}")
 
 
+def check_score_margin(margin, input_size) -> None:
+    """ValueError naming ``score_margin`` unless it is a whole number of pixels >= 0 that leaves
+    at least half of each side of the input to score."""
+    if not isinstance(margin, int) or isinstance(margin, bool) or margin < 0:
+        raise ValueError(f"score_margin: must be a whole number of pixels >= 0, got {margin!r}")
+    if 4 * margin > min(input_size):
+        raise ValueError(f"score_margin: {margin} px leaves less than half of the input "
+                         f"{tuple(input_size)} to score (at most {min(input_size) // 4})")
+
+
 def check_global_settings(global_branch, global_levels, teacher_strides, score_fusion,
                           score_normalization) -> None:
     """ValueError naming the setting when a global-branch setting is unusable."""
@@ -144,10 +154,11 @@ class PretrainedFeatureConfig(GlobalBranchSettings):
     resize: str = "area_or_linear"                 # or "letterbox"
     map_sigma: float = MAP_SIGMA                   # Gaussian smoothing of the map, px (0 = off)
     map_grid: str = "finest"                       # MAP_GRIDS: where the level maps are multiplied
+    score_margin: int = 0                          # px of the frame's edge the map score ignores
 
-    # bundles from before map smoothing / the global branch
+    # bundles from before map smoothing / the global branch / the score margin
     STORED_DEFAULTS: ClassVar[dict] = {**GlobalBranchSettings.STORED_DEFAULTS, "map_sigma": 0.0,
-                                       "map_grid": "input"}
+                                       "map_grid": "input", "score_margin": 0}
 
     def map_levels(self) -> tuple[int, ...]:
         """The teacher strides the anomaly map uses."""
@@ -163,6 +174,7 @@ class PretrainedFeatureConfig(GlobalBranchSettings):
         check_map_sigma(self.map_sigma, self.input_size)
         if self.map_grid not in MAP_GRIDS:
             raise ValueError(f"map_grid: must be one of {', '.join(MAP_GRIDS)}, got {self.map_grid!r}")
+        check_score_margin(self.score_margin, self.input_size)
         self.check_global(self.teacher_levels())
         self.check()
 
