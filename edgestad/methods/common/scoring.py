@@ -154,10 +154,16 @@ class AnomalyModel(nn.Module):
         cols = (self.pixel_cols >= left) & (self.pixel_cols < right)
         return rows & cols
 
+    @property
+    def score_margin(self) -> int:
+        """Pixels along the edges the image score ignores (read from the config at each call:
+        a study may change the config of a built model)."""
+        return int(getattr(self.config, "score_margin", 0) or 0)
+
     def scored_region(self, valid_box: torch.Tensor | None) -> torch.Tensor | None:
         """The pixels the image score counts: the valid ones (all, without a box) less
         ``score_margin`` pixels along their edges; None = every pixel."""
-        margin = int(getattr(self.config, "score_margin", 0) or 0)
+        margin = self.score_margin
         if margin == 0:
             return None if valid_box is None else self.valid_mask(valid_box)
         if valid_box is None:
@@ -180,7 +186,8 @@ class AnomalyModel(nn.Module):
             amap = self.map_smoothing(amap, valid)
         lowest = torch.where(valid, amap, torch.full_like(amap, _BIG)).amin(dim=(1, 2, 3), keepdim=True)
         amap = torch.where(valid, amap, lowest)
-        return amap, image_score(amap, self.config.image_score, self.scored_region(valid_box))
+        region = self.scored_region(valid_box) if self.score_margin else valid   # mask made once
+        return amap, image_score(amap, self.config.image_score, region)
 
     def scores(self, images: torch.Tensor, valid_box: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
