@@ -179,6 +179,23 @@ def split_train_val(
     return train, val
 
 
+# bundles made before the split was recorded were split at the default of that time
+LEGACY_SPLIT = {"val_fraction": 0.1, "seed": 0}
+
+
+def bundle_split(provenance: dict, folder: str | os.PathLike | None = None
+                 ) -> tuple[list[Path], list[Path]]:
+    """The (training, validation) good images a bundle was made from: the good images of its data
+    folder (``provenance["data"]``, or ``folder`` where the user names another copy), split again
+    by the fraction and seed training recorded (``provenance["split"]``; ``LEGACY_SPLIT`` where
+    none is recorded). The one place a study, a refit or int8 calibration finds them."""
+    split = {**LEGACY_SPLIT, **(provenance.get("split") or {})}
+    data = folder if folder is not None else provenance.get("data")
+    if data is None:
+        raise DataError("the bundle records no data folder (provenance.data); name the folder")
+    return split_train_val(good_images(Path(data)), float(split["val_fraction"]), int(split["seed"]))
+
+
 def _progress(iterable, total: int, enabled: bool, desc: str):
     if not enabled:
         return iterable

@@ -16,7 +16,7 @@ import numpy as np
 from edgestad.bundle import Bundle
 from edgestad.contract import uses_valid_box
 from edgestad.images import DataError
-from edgestad.datasets import MVTecCategory, good_images, load_images, load_test_set, split_train_val
+from edgestad.datasets import MVTecCategory, bundle_split, load_images, load_test_set
 
 
 class CalibrationError(ValueError):
@@ -45,14 +45,8 @@ def data_folder(bundle: Bundle, data: str | os.PathLike | None = None) -> Path:
 def training_image_paths(bundle: Bundle, data: str | os.PathLike | None = None) -> list[Path]:
     """The training half of the bundle's train/validation split of the good images."""
     folder = data_folder(bundle, data)
-    split = (bundle.manifest.get("provenance") or {}).get("split") or {}
     try:
-        paths = good_images(folder)
-        if not paths:
-            raise CalibrationError(f"no good images found in {folder}")
-        # bundles that predate the split record were split at 0.1, the default of that time
-        train, _val = split_train_val(paths, val_fraction=float(split.get("val_fraction", 0.1)),
-                                      seed=int(split.get("seed", 0)))
+        train, _val = bundle_split(bundle.manifest.get("provenance") or {}, folder)
     except DataError as exc:
         raise CalibrationError(str(exc)) from exc
     return train

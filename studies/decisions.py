@@ -1,13 +1,18 @@
 """Which image score and which threshold rule give decisions a line can trust, on a trained bundle.
 
-    python studies/decisions.py runs/stfpm_screw --category screw [--cache DIR]
-    python studies/decisions.py --summary            # all categories' results together
+    python studies/decisions.py runs/stfpm_screw --category screw [--name screw_s1] [--cache DIR]
+    python studies/decisions.py --summary [--set NAME]   # all categories' results together
+
+``--name`` stores one training's result under its own name (default: the category), so that
+several trainings of a category (split seeds) can be judged together: ``--set NAME`` ranks the
+results in ``studies/results/decisions/NAME/`` (default: the category files in the folder itself).
 
 The students do not depend on the image-score rule, the global branch or the threshold rule (all
 fitted after training), so one trained bundle answers for every candidate, on the same weights:
 
 1. the bundle's model computes the (smoothed) maps of the validation and test images once; each
-   map-score rule (``max``, ``topk:F``) is the model's own ``image_score`` over the valid pixels;
+   map-score rule (``max``, ``topk:F``) is the model's own ``image_score`` over the pixels its
+   image score counts (``scored_region``: the valid ones less the bundle's ``score_margin``);
 2. the pretrained teacher (the same frozen weights as the bundle's) gives the pooled features of
    the training, validation and test images at strides 4–32; the global Gaussian of each level
    set is fitted on the training images (Ledoit–Wolf, ``global_score.fit_gaussian``);
@@ -44,7 +49,7 @@ FUSIONS = tuple(itertools.product(("z", "quantile"), ("sum", "max")))
 def _features(bundle, args):
     """Per split: map scores per rule (val, test) and pooled teacher features per stride."""
     import torch
-    from edgestad.datasets import good_images, load_images, load_test_set, split_train_val
+    from edgestad.datasets import bundle_split, load_images, load_test_set
     from edgestad.methods import load_model
     from edgestad.methods.common.backbones import PRETRAINED, FeaturePyramid
     from edgestad.methods.common.global_score import pooled
@@ -55,9 +60,8 @@ def _features(bundle, args):
     size = tuple(model.config.input_size)
     resize = manifest["input"].get("resize", "area_or_linear")
     letterbox = resize == "letterbox"
-    split = manifest["provenance"]["split"]
     data = Path(manifest["provenance"]["data"])
-    train_paths, val_paths = split_train_val(good_images(data), split["val_fraction"], split["seed"])
+    train_paths, val_paths = bundle_split(manifest["provenance"])
     teacher = FeaturePyramid(model.config.backbone, (4, 8, 16, 32), weights=PRETRAINED).eval()
     strides = teacher.strides
 
@@ -74,17 +78,19 @@ def _features(bundle, args):
                     feats[s].append(pooled(f, valid).numpy())
                 if maps:
                     amap, _ = model.finish(model.anomaly_map(x), box)
+                    region = model.scored_region(box)     # valid pixels less the score margin
                     for r in MAP_RULES:
-                        scores[r].append(image_score(amap, r, valid).numpy())
+                        scores[r].append(image_score(amap, r, region).numpy())
         return ({r: np.concatenate(v) for r, v in scores.items()} if maps else None,
                 {s: np.concatenate(v) for s, v in feats.items()})
 
-    train, train_boxes = load_images(train_paths, size, resize=resize, with_boxes=True)
+    roi = manifest["input"].get("roi")            # the bundle's region of interest, if any
+    train, train_boxes = load_images(train_paths, size, resize=resize, with_boxes=True, roi=roi)
     _, train_feats = run(train, train_boxes, maps=False)
-    val, val_boxes = load_images(val_paths, size, resize=resize, with_boxes=True)
+    val, val_boxes = load_images(val_paths, size, resize=resize, with_boxes=True, roi=roi)
     val_scores, val_feats = run(val, val_boxes, maps=True)
     images, _, labels, defect_types, _, boxes = load_test_set(
-        data, size, resize=resize, with_boxes=True)
+        data, size, resize=resize, with_boxes=True, roi=roi)
     test_scores, test_feats = run(images, boxes, maps=True)
     return {"train_feats": train_feats, "val_scores": val_scores, "val_feats": val_feats,
             "test_scores": test_scores, "test_feats": test_feats, "labels": labels,
@@ -163,9 +169,10 @@ def analyse(cache: dict) -> dict:
             "candidates": result}
 
 
-def summary() -> None:
-    files = sorted(OUT.glob("*.json"))
-    results = {f.stem: json.loads(f.read_text()) for f in files if f.stem in CATEGORIES}
+def summary(folder: Path = OUT) -> None:
+    files = sorted(folder.glob("*.json"))
+    results = {f.stem: json.loads(f.read_text()) for f in files
+               if folder != OUT or f.stem in CATEGORIES}
     cats = sorted(results)
     names = [n for n in results[cats[0]]["analysis"]["candidates"]
              if all(n in results[c]["analysis"]["candidates"] for c in cats)]
@@ -174,8 +181,9 @@ def summary() -> None:
         au = [results[c]["analysis"]["candidates"][n]["image_auroc"] for c in cats]
         rows.append((min(au), float(np.mean(au)), n, au))
     rows.sort(key=lambda r: (-r[1], -r[0]))
+    made = "--summary" + ("" if folder == OUT else f" --set {folder.name}")
     lines = [f"Image AUROC of every candidate image score on {', '.join(cats)} (same trained "
-             f"bundles; made by `python studies/decisions.py --summary`). Ranked by the mean.",
+             f"bundles; made by `python studies/decisions.py {made}`). Ranked by the mean.",
              "", "| image score | " + " | ".join(cats) + " | mean | worst |",
              "|---|" + "---:|" * (len(cats) + 2)]
     for worst, mean, n, au in rows:
@@ -190,12 +198,12 @@ def summary() -> None:
         for rule, t in results[c]["analysis"]["candidates"][best]["thresholds"].items():
             lines.append(f"| {c} | {rule} | {t['promised_good_ng']:.3f} | "
                          f"{t['delivered_good_ng']:.3f} | {t['defective_ng']:.3f} |")
-    (OUT / "summary.md").write_text("\n".join(lines) + "\n")
-    _plot(rows, cats)
+    (folder / "summary.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, cats, folder)
     print("\n".join(lines[:40]))
 
 
-def _plot(rows, cats) -> None:
+def _plot(rows, cats, folder: Path) -> None:
     """Every candidate's image AUROC per category (one dot per category, sorted by the mean)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -214,7 +222,7 @@ def _plot(rows, cats) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     fig.tight_layout()
-    fig.savefig(OUT / "summary.png", dpi=110)
+    fig.savefig(folder / "summary.png", dpi=110)
     plt.close(fig)
 
 
@@ -225,16 +233,21 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=None,
                     help="Folder for the computed scores and features (reused when present).")
     ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--name", default=None,
+                    help="Store the result as NAME.json (default: the category).")
+    ap.add_argument("--set", dest="result_set", default=None,
+                    help="Write/read results in studies/results/decisions/SET/ (several trainings).")
     args = ap.parse_args()
+    folder = OUT / args.result_set if args.result_set else OUT
     if args.summary:
-        summary()
+        summary(folder)
         return
     if args.bundle is None or args.category is None:
         ap.error("BUNDLE and --category are required (or --summary)")
     from edgestad.bundle import load_bundle
     bundle = load_bundle(args.bundle)
     started = time.time()
-    cache_file = (args.cache / f"{args.category}.npz") if args.cache else None
+    cache_file = (args.cache / f"{args.name or args.category}.npz") if args.cache else None
     if cache_file is not None and cache_file.is_file():
         raw = np.load(cache_file, allow_pickle=False)
         cache = json.loads(str(raw["meta"]))
@@ -258,8 +271,8 @@ def main() -> None:
               "method_config": bundle.manifest["method_config"],
               "date": time.strftime("%Y-%m-%d"),
               "analysis": analyse(cache), "seconds": round(time.time() - started, 1)}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.category}.json").write_text(json.dumps(report, indent=1))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{args.name or args.category}.json").write_text(json.dumps(report, indent=1))
     best = sorted(report["analysis"]["candidates"].items(), key=lambda kv: -kv[1]["image_auroc"])[:8]
     for name, e in best:
         print(f"{name}: image AUROC {e['image_auroc']:.4f}")

@@ -17,7 +17,7 @@ from pathlib import Path
 def refit(bundle_dir: Path, out: Path, changes: dict) -> None:
     """``bundle_dir``'s weights with the config ``changes``, everything after training fitted again."""
     from edgestad.bundle import load_bundle, write_bundle
-    from edgestad.datasets import good_images, load_images, split_train_val
+    from edgestad.datasets import bundle_split, load_images
     from edgestad.methods import get_method, load_model
     from edgestad.methods.base import TrainSettings
     from edgestad.train.fit import fit_decisions
@@ -27,8 +27,7 @@ def refit(bundle_dir: Path, out: Path, changes: dict) -> None:
     model = load_model(bundle)
     model.config = model.config.replace(**changes)
     prov = manifest["provenance"]
-    paths = good_images(Path(prov["data"]))
-    train_paths, val_paths = split_train_val(paths, prov["split"]["val_fraction"], prov["split"]["seed"])
+    train_paths, val_paths = bundle_split(prov)
     section = manifest["input"]
     size, resize, roi = (section["height"], section["width"]), section["resize"], section.get("roi")
     train = load_images(train_paths, size, resize=resize, with_boxes=True, roi=roi)

@@ -262,6 +262,25 @@ def test_split_is_deterministic_and_independent_of_order_and_location(tmp_path):
         split_train_val(a, val_fraction=1.0)
 
 
+
+def test_bundle_split_finds_the_images_a_bundle_was_made_from(tiny_dataset, tmp_path):
+    """The recorded fraction and seed, the recorded folder or another copy of it; bundles without a
+    split record were split at 0.1, seed 0; a bundle without a data folder is named as such."""
+    import shutil
+    from edgestad.datasets import LEGACY_SPLIT, bundle_split
+    provenance = {"data": str(tiny_dataset), "split": {"val_fraction": 0.25, "seed": 1}}
+    train, val = bundle_split(provenance)
+    assert (train, val) == split_train_val(good_images(tiny_dataset), 0.25, 1)
+    assert len(val) == 4 and len(train) == 10
+    copy = shutil.copytree(tiny_dataset, tmp_path / "copy")
+    _, val_copy = bundle_split(provenance, copy)
+    assert [p.name for p in val_copy] == [p.name for p in val]
+    assert all(copy in p.parents for p in val_copy)
+    legacy = bundle_split({"data": str(tiny_dataset)})
+    assert legacy == split_train_val(good_images(tiny_dataset), **LEGACY_SPLIT) != (train, val)
+    with pytest.raises(DataError, match="no data folder"):
+        bundle_split({"split": {"val_fraction": 0.2, "seed": 0}})
+
 def test_fingerprint_tracks_content_not_order_or_location(tmp_path):
     paths = [_write(tmp_path / "a" / f"{i}.png", _texture(seed=i)) for i in range(3)]
     fp = fingerprint(paths)
