@@ -40,6 +40,27 @@ def test_backbone_stops_at_the_deepest_requested_stride():
         FeaturePyramid("efficientnet-lite0", (8, 4))
 
 
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet18"])
+def test_backbone_forward_up_to_a_stride_skips_the_deeper_stages(name):
+    """``deepest``: the same features up to it and none of the deeper stages run (training uses
+    it: a student needs the map's levels, not the global branch's)."""
+    net = FeaturePyramid(name, (4, 8, 16, 32)).eval()
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, b in enumerate(net.blocks)]
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        full = net(x)
+        ran.clear()
+        part = net(x, 8)
+    for h in hooks:
+        h.remove()
+    assert len(full) == 4 and len(part) == 2
+    assert all(torch.equal(a, b) for a, b in zip(full, part))
+    assert max(ran) < len(net.blocks) - 1            # the stride-16/32 stages did not run
+    with pytest.raises(ValueError, match="deepest=2"):
+        net(x, 2)
+
 def test_modules_up_to_a_stride_are_the_stem_and_first_stages():
     eff = FeaturePyramid("efficientnet-lite0", (4, 8, 16))
     assert eff.modules_up_to_stride(4) == ["stem", "blocks.0", "blocks.1", "blocks.2"]

@@ -128,6 +128,9 @@ def test_a_few_epochs_lower_the_loss_and_an_interrupted_run_resumes_exactly(
     expected = straight.state_dict()
     for key, value in resumed.state_dict().items():
         assert torch.equal(value, expected[key]), key
+        # the loop trains channels-last on the CPU and hands the model back in the plain layout
+        # (what a bundle's safetensors and the ONNX export expect)
+        assert value.is_contiguous(), key
 
 
 @pytest.mark.parametrize("name", method_names())

@@ -150,13 +150,21 @@ class FeaturePyramid(nn.Module):
             last = len(reached) - 1
         return ["stem"] + [f"blocks.{i}" for i in range(min(last, len(self.blocks) - 1) + 1)]
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = [None] * len(self.strides)   # type: ignore[list-item]
+    def forward(self, x: torch.Tensor, deepest: int | None = None) -> list[torch.Tensor]:
+        """Features at ``self.strides``; with ``deepest``, only those at strides up to it, and the
+        deeper stages are not run (a student's training needs the map's levels, not the global
+        branch's deeper ones)."""
+        wanted = sum(1 for s in self.strides if deepest is None or s <= deepest)
+        if wanted == 0:
+            raise ValueError(f"deepest={deepest}: below every stride of {list(self.strides)}")
+        out: list[torch.Tensor] = [None] * wanted   # type: ignore[list-item]
         x = self.stem(x)
         for i, block in enumerate(self.blocks):
             x = block(x)
-            if i in self._taps:
+            if i in self._taps and self._taps[i] < wanted:
                 out[self._taps[i]] = x
+                if self._taps[i] == wanted - 1:
+                    break
         return out
 
 

@@ -62,7 +62,7 @@ class ResNetStudents(AnomalyModel):
 
     def squared_differences(self, x: torch.Tensor, teacher: list | None = None) -> torch.Tensor:
         """S×N×C×h×w squared differences of each student to the teacher."""
-        target = (teacher if teacher is not None else self.teacher(x))[0]
+        target = (teacher if teacher is not None else self.teacher(x, 4))[0]   # stride 4 only
         return torch.stack([(s(x) - target) ** 2 for s in self.students])
 
     def raw_map(self, x: torch.Tensor, teacher: list | None = None) -> torch.Tensor:

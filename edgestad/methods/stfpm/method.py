@@ -72,16 +72,16 @@ class STFPM(AnomalyModel):
         self.teacher.eval()            # the teacher is used as it is: frozen BatchNorm too
         return self
 
-    def teacher_levels(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """{stride: teacher features} for every stride the teacher computes."""
-        return dict(zip(self.teacher.strides, self.teacher(x)))
+    def teacher_levels(self, x: torch.Tensor, deepest: int | None = None) -> dict[int, torch.Tensor]:
+        """{stride: teacher features} for every stride the teacher computes (up to ``deepest``)."""
+        return dict(zip(self.teacher.strides, self.teacher(x, deepest)))
 
     def maps_from(self, teacher: dict[int, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
         return [level_distance(teacher[stride], s)
                 for stride, s in zip(self.config.levels, self.student(x))]
 
     def level_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.maps_from(self.teacher_levels(x), x)
+        return self.maps_from(self.teacher_levels(x, max(self.config.levels)), x)
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         return product_of_upsampled(self.level_maps(x), x.shape[-2:], self.config.map_grid)

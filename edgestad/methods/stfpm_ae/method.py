@@ -95,7 +95,7 @@ class STFPMAE(STFPM):
 
     def reconstructions(self, x: torch.Tensor):
         """(teacher features, student features, reconstructed student features) per level."""
-        return self.reconstructions_from(self.teacher_levels(x), x)
+        return self.reconstructions_from(self.teacher_levels(x, max(self.config.levels)), x)
 
     def reconstructions_from(self, teacher: dict[int, torch.Tensor], x: torch.Tensor):
         s = self.student(x)
@@ -148,7 +148,7 @@ def fit_stfpm_ae(model: STFPMAE, images: np.ndarray, ctx: FitContext, options: d
     def pretrain(batch, _):                      # AE pretraining on teacher features
         x = model.normalize_input(batch.to(device))
         with torch.no_grad():
-            t = [model.teacher_levels(x)[stride] for stride in model.config.levels]
+            t = [model.teacher_levels(x, max(model.config.levels))[stride] for stride in model.config.levels]
         return sum(F.mse_loss(ae(f), f) for ae, f in zip(model.autoencoders, t))
 
     def joint(batch, _):
