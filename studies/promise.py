@@ -36,6 +36,15 @@ from method_run import CATEGORIES, data_root  # noqa: E402
 OUT = ROOT / "studies" / "results"
 
 
+def parse_run(spec: str) -> tuple[Path, str]:
+    """``BUNDLE:CATEGORY`` → (bundle folder, category); exits naming the argument when the bundle
+    is not a trained one or the category is not one of ours."""
+    bundle, _, category = spec.rpartition(":")
+    if category not in CATEGORIES or not Path(bundle, "manifest.json").is_file():
+        sys.exit(f"{spec}: expected BUNDLE:CATEGORY with a trained bundle and one of {sorted(CATEGORIES)}")
+    return Path(bundle), category
+
+
 def evaluate(bundle: Path, data: Path, fresh: bool) -> tuple[Path, str]:
     out = bundle.with_name(bundle.name + ".eval")
     cmd = ["edgestad", "evaluate", str(bundle), str(data), "--out", str(out)]
@@ -160,10 +169,8 @@ def main() -> None:
     if not args.runs and not args.include:
         ap.error("give at least one BUNDLE:CATEGORY or --include JSON")
     for spec in args.runs:
-        bundle, _, category = spec.rpartition(":")
-        if category not in CATEGORIES or not Path(bundle, "manifest.json").is_file():
-            sys.exit(f"{spec}: expected BUNDLE:CATEGORY with a trained bundle and one of {sorted(CATEGORIES)}")
-        rows.append(one(Path(bundle), category, args.fresh))
+        bundle, category = parse_run(spec)
+        rows.append(one(bundle, category, args.fresh))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     rows.sort(key=lambda r: (r["category"], r["split"]["val_fraction"], Path(r["bundle"]).name))
     md = table(rows) + "\n\nThreshold rules on the same scores, from the validation goods only:\n\n" + rules_table(rows)

@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from method_run import CATEGORIES  # noqa: E402
-from promise import OUT, one, table  # noqa: E402
+from promise import OUT, one, parse_run, table  # noqa: E402
 from refit import refit  # noqa: E402
 
 
@@ -35,10 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for spec in args.runs:
-        bundle, _, category = spec.rpartition(":")
-        bundle = Path(bundle)
-        if category not in CATEGORIES or not (bundle / "manifest.json").is_file():
-            sys.exit(f"{spec}: expected BUNDLE:CATEGORY with a trained bundle and one of {sorted(CATEGORIES)}")
+        bundle, category = parse_run(spec)
         base = json.loads((bundle / "manifest.json").read_text())["method_config"].get("score_margin", 0)
         for margin in [base, *(m for m in args.margin if m != base)]:
             target = bundle if margin == base else bundle.with_name(f"{bundle.name}_m{margin}")

@@ -37,13 +37,18 @@ def topk_count(fraction: float, height: int, width: int) -> int:
     return int(min(TRT_TOPK_LIMIT, max(1, round(fraction * height * width))))
 
 
+def score_margin_of(config) -> int:
+    """Pixels along the edges the image score ignores (0 for configs without the setting)."""
+    return int(getattr(config, "score_margin", 0) or 0)
+
+
 def describe_image_score(config) -> str:
     """What the graph's image score is, for a method config (or a bare rule string)."""
     rule = config if isinstance(config, str) else config.image_score
     kind, fraction = parse_image_score(rule)
     text = ("maximum of the anomaly map (valid pixels)" if kind == "max" else
             f"mean of the top {fraction:g} of the anomaly map's valid pixels")
-    margin = 0 if isinstance(config, str) else int(getattr(config, "score_margin", 0) or 0)
+    margin = 0 if isinstance(config, str) else score_margin_of(config)
     if margin:
         text += f", {margin} px from the edges"
     if not isinstance(config, str) and getattr(config, "global_branch", False):
@@ -158,7 +163,7 @@ class AnomalyModel(nn.Module):
     def score_margin(self) -> int:
         """Pixels along the edges the image score ignores (read from the config at each call:
         a study may change the config of a built model)."""
-        return int(getattr(self.config, "score_margin", 0) or 0)
+        return score_margin_of(self.config)
 
     def scored_region(self, valid_box: torch.Tensor | None) -> torch.Tensor | None:
         """The pixels the image score counts: the valid ones (all, without a box) less
