@@ -221,3 +221,39 @@ def test_default_epochs_are_60_and_fewer_only_for_large_folders():
     rstpm = get_method("rstpm")
     assert rstpm.default_steps is None
     assert rstpm.default_epochs(10_000, 16) == rstpm.defaults["epochs"]
+
+
+@pytest.mark.parametrize("name, augment", [("stfpm", "none"), ("stfpm", "flip"), ("stfpm_ae", None)])
+def test_frozen_teacher_features_are_computed_once_with_the_same_weights(name, augment, tiny_dataset,
+                                                                          monkeypatch):
+    """Without augmentation the teacher's features of the training images are computed once
+    (FrozenFeatures) and the student trains to the same weights, bit for bit, as when the teacher
+    runs in every step; with augmentation the teacher runs in every step."""
+    from edgestad.datasets import good_images, load_images
+    from edgestad.methods.common import training
+    method = get_method(name)
+    images = load_images(good_images(tiny_dataset)[:6], (64, 64))
+    options = method.resolve_options({} if augment is None else {"augment": augment})
+
+    def fit(limit):
+        monkeypatch.setattr(training, "FROZEN_FEATURES_LIMIT", limit)
+        torch.manual_seed(0)
+        model = method.build(method.prepare(method.make_config(input_size=(64, 64)), options))
+        calls = []
+        model.teacher.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+        ctx = FitContext(epochs=2, batch_size=3, lr=0.1, checkpoint=None, progress=False,
+                         options=options)
+        history = method.fit(model, images, ctx)
+        return model.state_dict(), [h["loss"] for h in history], calls
+
+    cached, cached_losses, cached_calls = fit(2 * 1024 ** 3)
+    plain, plain_losses, plain_calls = fit(0)             # too large for the limit: per step
+    steps = len(plain_losses) * 2                         # 6 images, batch 3: two steps an epoch
+    # one image sizes the features (not with augmentation); then every step, or once: 6 images
+    # in one batch of 16
+    assert plain_calls == ([3] * steps if augment == "flip" else [1] + [3] * steps)
+    assert cached_calls == ([3] * steps if augment == "flip" else [1, 6])
+    assert cached_losses == plain_losses
+    for key, value in cached.items():
+        assert torch.equal(value, plain[key]), key
+

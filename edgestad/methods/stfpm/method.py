@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from ..base import FitContext
 from ..common.backbones import PRETRAINED, FeaturePyramid, describe_weights, recompute_batchnorm_statistics
 from ..common.scoring import AnomalyModel
-from ..common.training import Stage, TrainingLoop, augment_batch, batches_of, nchw
+from ..common.training import (FrozenFeatures, Stage, TrainingLoop, augment_batch, batches_of,
+                               nchw)
 from . import STFPMConfig  # noqa: F401  (the config lives with the declaration)
 
 
@@ -112,9 +113,14 @@ def fit_student(model: STFPM, images: np.ndarray, ctx: FitContext, options: dict
                                 weight_decay=options["weight_decay"])
     loop = TrainingLoop(ctx, model, type(model).__name__, {"student": optimizer}, frozen=("teacher.",))
 
-    def step(batch, _):
+    deepest = max(model.config.levels)
+    # without augmentation the frozen teacher's features are computed once, not in every step
+    teacher = FrozenFeatures(lambda x: model.teacher_levels(x, deepest), data, model.normalize_input,
+                             device, enabled=options["augment"] == "none")
+
+    def step(batch, index):
         x = augment_batch(model.normalize_input(batch.to(device)), options["augment"], loop.generator)
-        return sum(m.mean() for m in model.level_maps(x))
+        return sum(m.mean() for m in model.maps_from(teacher(x, index), x))
 
     history = loop.run(data, [Stage("student", ctx.epochs, step, ("student",))])
     layers = recompute_batchnorm_statistics(

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..base import FitContext, MethodConfigError
 from ..common.backbones import recompute_batchnorm_statistics
-from ..common.training import Stage, TrainingLoop, batches_of, nchw
+from ..common.training import FrozenFeatures, Stage, TrainingLoop, batches_of, nchw
 from ..stfpm.method import STFPM, level_distance, load_pretrained_teacher
 from . import ALPHA, STFPMAEConfig
 
@@ -145,15 +145,19 @@ def fit_stfpm_ae(model: STFPMAE, images: np.ndarray, ctx: FitContext, options: d
                         frozen=("teacher.",))
     trainable = list(model.student.parameters()) + list(model.autoencoders.parameters())
 
-    def pretrain(batch, _):                      # AE pretraining on teacher features
-        x = model.normalize_input(batch.to(device))
-        with torch.no_grad():
-            t = [model.teacher_levels(x, max(model.config.levels))[stride] for stride in model.config.levels]
-        return sum(F.mse_loss(ae(f), f) for ae, f in zip(model.autoencoders, t))
+    deepest = max(model.config.levels)
+    # no augmentation here: the frozen teacher's features are computed once, not in every step
+    teacher = FrozenFeatures(lambda x: model.teacher_levels(x, deepest), data, model.normalize_input,
+                             device, enabled=True)
 
-    def joint(batch, _):
-        recon, match = joint_loss(*model.reconstructions(model.normalize_input(batch.to(device))),
-                                  alpha)
+    def pretrain(batch, index):                  # AE pretraining on teacher features
+        t = teacher(model.normalize_input(batch.to(device)), index)
+        return sum(F.mse_loss(ae(t[stride]), t[stride])
+                   for ae, stride in zip(model.autoencoders, model.config.levels))
+
+    def joint(batch, index):
+        x = model.normalize_input(batch.to(device))
+        recon, match = joint_loss(*model.reconstructions_from(teacher(x, index), x), alpha)
         return recon + match
 
     def freeze_and_clip(k):
