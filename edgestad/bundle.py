@@ -170,6 +170,16 @@ class Bundle:
             ) from exc
 
     @property
+    def reading(self) -> dict:
+        """How this bundle reads an image, from ``manifest["input"]``: its input size, resize
+        rule and region of interest, as the keyword arguments of ``edgestad.datasets``'
+        ``load_images`` and ``load_test_set`` (training, evaluation, calibration and the studies
+        all read images this way)."""
+        inp = self.manifest["input"]
+        return {"size": self.input_size, "resize": inp.get("resize", "area_or_linear"),
+                "roi": inp.get("roi")}
+
+    @property
     def thresholds(self) -> dict:
         """``manifest["thresholds"]`` (``pixel``, ``image``, ``rule``).
 

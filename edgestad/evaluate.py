@@ -166,11 +166,8 @@ def evaluate_bundle(bundle_path: Path, data: Path, out_dir: Path, backend: str =
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--backend") from None
     bundle = load_bundle(bundle_path)
-    h, w = bundle.input_size
-    resize = bundle.manifest["input"].get("resize", "area_or_linear")
-    roi = bundle.manifest["input"].get("roi")   # the bundle's region of interest, if any
-    images, masks, labels, defect_types, paths, boxes = load_test_set(
-        data, (h, w), resize=resize, with_boxes=True, roi=roi)
+    reading = bundle.reading                    # input size, resize rule, region of interest
+    images, masks, labels, defect_types, paths, boxes = load_test_set(data, **reading, with_boxes=True)
     boxes = boxes if uses_valid_box(bundle.manifest["input"]) else None
     start = time.time()
     if backend == "torch":
@@ -194,7 +191,7 @@ def evaluate_bundle(bundle_path: Path, data: Path, out_dir: Path, backend: str =
               "method": bundle.manifest["method"], "backbone": bundle.manifest.get("backbone"),
               "model": model_line(bundle.manifest),
               "image_score_rule": bundle.manifest.get("image_score", "max"),
-              "resize": resize, **({"roi": roi} if roi else {}),
+              "resize": reading["resize"], **({"roi": reading["roi"]} if reading["roi"] else {}),
               "precision": precision if backend == "onnx" else "fp32 (torch)",
               "test_images": int(len(images)), "anomalous": int(labels.sum()),
               "seconds": round(seconds, 1), **results["model"],

@@ -74,15 +74,10 @@ def calibration_images(bundle: Bundle, n: int, data: str | os.PathLike | None = 
     training images at the model input size."""
     paths = pick_evenly(training_image_paths(bundle, data), n)
     try:
-        images, boxes = load_images(paths, bundle.input_size, resize=_resize(bundle), with_boxes=True,
-                                    roi=bundle.manifest["input"].get("roi"))
+        images, boxes = load_images(paths, **bundle.reading, with_boxes=True)
     except DataError as exc:
         raise CalibrationError(str(exc)) from exc
     return to_nchw(images), (boxes if uses_valid_box(bundle.manifest["input"]) else None)
-
-
-def _resize(bundle: Bundle) -> str:
-    return bundle.manifest["input"].get("resize", "area_or_linear")
 
 
 def test_set(bundle: Bundle, data: str | os.PathLike | None = None):
@@ -94,8 +89,7 @@ def test_set(bundle: Bundle, data: str | os.PathLike | None = None):
         return None
     try:
         images, masks, labels, _types, _paths, boxes = load_test_set(
-            MVTecCategory(folder), bundle.input_size, resize=_resize(bundle), with_boxes=True,
-            roi=bundle.manifest["input"].get("roi"))
+            MVTecCategory(folder), **bundle.reading, with_boxes=True)
     except DataError as exc:
         raise CalibrationError(str(exc)) from exc
     return to_nchw(images), masks, labels, (boxes if uses_valid_box(bundle.manifest["input"]) else None)

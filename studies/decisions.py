@@ -57,9 +57,8 @@ def _features(bundle, args):
 
     manifest = bundle.manifest
     model = load_model(bundle)
-    size = tuple(model.config.input_size)
-    resize = manifest["input"].get("resize", "area_or_linear")
-    letterbox = resize == "letterbox"
+    reading = bundle.reading                      # size, resize rule, region of interest
+    letterbox = reading["resize"] == "letterbox"
     data = Path(manifest["provenance"]["data"])
     train_paths, val_paths = bundle_split(manifest["provenance"])
     teacher = FeaturePyramid(model.config.backbone, (4, 8, 16, 32), weights=PRETRAINED).eval()
@@ -84,13 +83,12 @@ def _features(bundle, args):
         return ({r: np.concatenate(v) for r, v in scores.items()} if maps else None,
                 {s: np.concatenate(v) for s, v in feats.items()})
 
-    roi = manifest["input"].get("roi")            # the bundle's region of interest, if any
-    train, train_boxes = load_images(train_paths, size, resize=resize, with_boxes=True, roi=roi)
+    train, train_boxes = load_images(train_paths, **reading, with_boxes=True)
     _, train_feats = run(train, train_boxes, maps=False)
-    val, val_boxes = load_images(val_paths, size, resize=resize, with_boxes=True, roi=roi)
+    val, val_boxes = load_images(val_paths, **reading, with_boxes=True)
     val_scores, val_feats = run(val, val_boxes, maps=True)
     images, _, labels, defect_types, _, boxes = load_test_set(
-        data, size, resize=resize, with_boxes=True, roi=roi)
+        data, **reading, with_boxes=True)
     test_scores, test_feats = run(images, boxes, maps=True)
     return {"train_feats": train_feats, "val_scores": val_scores, "val_feats": val_feats,
             "test_scores": test_scores, "test_feats": test_feats, "labels": labels,

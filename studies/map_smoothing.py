@@ -41,9 +41,7 @@ def main() -> None:
 
     data = data_root() / CATEGORIES[args.category]
     loaded = load_bundle(args.bundle)
-    resize = loaded.manifest["input"].get("resize", "area_or_linear")
-    images, masks, labels, types, _, boxes = load_test_set(data, loaded.input_size, resize=resize,
-                                                          with_boxes=True)
+    images, masks, labels, types, _, boxes = load_test_set(data, **loaded.reading, with_boxes=True)
     model = load_model(loaded)
     stored_sigma = getattr(model.config, "map_sigma", 0.0)
     model.map_smoothing = None                     # the unsmoothed map; each σ is applied below

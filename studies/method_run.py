@@ -72,9 +72,7 @@ def rescore(bundle: Path, data: Path, rules: list[str]) -> dict:
     from edgestad.methods.common.scoring import image_score
     from edgestad.metrics import image_auroc
     loaded = load_bundle(bundle)
-    resize = loaded.manifest["input"].get("resize", "area_or_linear")
-    images, _, labels, _, _, boxes = load_test_set(data, loaded.input_size, resize=resize,
-                                                  with_boxes=True)
+    images, _, labels, _, _, boxes = load_test_set(data, **loaded.reading, with_boxes=True)
     model = load_model(loaded)
     use_box = uses_valid_box(loaded.manifest["input"])
     maps, masks = [], []

@@ -28,10 +28,8 @@ def refit(bundle_dir: Path, out: Path, changes: dict) -> None:
     model.config = model.config.replace(**changes)
     prov = manifest["provenance"]
     train_paths, val_paths = bundle_split(prov)
-    section = manifest["input"]
-    size, resize, roi = (section["height"], section["width"]), section["resize"], section.get("roi")
-    train = load_images(train_paths, size, resize=resize, with_boxes=True, roi=roi)
-    val = load_images(val_paths, size, resize=resize, with_boxes=True, roi=roi)
+    train = load_images(train_paths, **bundle.reading, with_boxes=True)
+    val = load_images(val_paths, **bundle.reading, with_boxes=True)
     rule = manifest["thresholds"]["rule"]
     settings = TrainSettings(val_fraction=prov["split"]["val_fraction"], seed=prov["split"]["seed"],
                              **{k: rule[k] for k in ("pixel_fpr", "image_false_reject", "review_false_reject")

@@ -68,6 +68,9 @@ def test_train_evaluate_and_run_inside_the_roi(tiny_dataset, tmp_path):
     assert r.exit_code == 0, r.output
     manifest = load_bundle(bundle).manifest
     assert manifest["input"]["roi"] == list(ROI)
+    # how evaluate, int8 calibration and the studies read an image of this bundle
+    assert load_bundle(bundle).reading == {"size": (32, 32), "resize": "area_or_linear",
+                                           "roi": list(ROI)}
     r = CliRunner().invoke(main, ["evaluate", str(bundle), str(data), "--out", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
