@@ -233,15 +233,15 @@ class FrozenFeatures:
     """A frozen network's features of the training images, computed once and then looked up.
 
     Without augmentation a frozen teacher (eval mode, no gradient) sees the same images every
-    epoch and gives the same features, so its forward pass need not run in every step: about a
-    fifth of an STFPM step on 2 CPU cores (docs/results/performance.md). ``compute(x)`` → {key:
-    N×… tensor} of a normalised batch; ``FrozenFeatures(compute, data, normalize, device,
-    enabled)(x, index)`` → the same dict for the training images ``index`` (``x``: their
-    normalised batch, used only when not cached). The features are computed at the first call,
-    inside the training loop (so in its memory layout), in batches of 16 in the data's order;
-    with ``enabled`` false, or when they would exceed ``limit`` bytes (default
-    ``FROZEN_FEATURES_LIMIT``), every call computes them
-    from ``x`` as before."""
+    epoch and gives the same features, so its forward pass need not run in every step: about 6 %
+    of an STFPM training on 2 CPU cores, the same weights bit for bit at the same thread count
+    (docs/results/performance.md). ``compute(x)`` → {key: N×… tensor} of a normalised batch;
+    ``FrozenFeatures(compute, data, normalize, device, enabled)(x, index)`` → the same dict for
+    the training images ``index`` (``x``: their normalised batch, used only when not cached). The
+    features are computed at the first call, inside the training loop (so in its memory layout),
+    in batches of 16 in the data's order; with ``enabled`` false, or when they would exceed
+    ``limit`` bytes (default ``FROZEN_FEATURES_LIMIT``), every call computes them from ``x`` as
+    before."""
 
     def __init__(self, compute: Callable, data: torch.Tensor, normalize: Callable, device,
                  enabled: bool, limit: int | None = None):
