@@ -77,12 +77,17 @@ class STFPM(AnomalyModel):
         """{stride: teacher features} for every stride the teacher computes (up to ``deepest``)."""
         return dict(zip(self.teacher.strides, self.teacher(x, deepest)))
 
+    def map_teacher_levels(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The teacher's features at the map's levels only (not the global branch's deeper
+        ones): what the map and the student's loss compare with."""
+        return self.teacher_levels(x, max(self.config.levels))
+
     def maps_from(self, teacher: dict[int, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
         return [level_distance(teacher[stride], s)
                 for stride, s in zip(self.config.levels, self.student(x))]
 
     def level_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.maps_from(self.teacher_levels(x, max(self.config.levels)), x)
+        return self.maps_from(self.map_teacher_levels(x), x)
 
     def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         return product_of_upsampled(self.level_maps(x), x.shape[-2:], self.config.map_grid)
@@ -113,10 +118,9 @@ def fit_student(model: STFPM, images: np.ndarray, ctx: FitContext, options: dict
                                 weight_decay=options["weight_decay"])
     loop = TrainingLoop(ctx, model, type(model).__name__, {"student": optimizer}, frozen=("teacher.",))
 
-    deepest = max(model.config.levels)
     # without augmentation the frozen teacher's features are computed once, not in every step
-    teacher = FrozenFeatures(lambda x: model.teacher_levels(x, deepest), data, model.normalize_input,
-                             device, enabled=options["augment"] == "none")
+    teacher = FrozenFeatures(model.map_teacher_levels, data, model.normalize_input, device,
+                             enabled=options["augment"] == "none")
 
     def step(batch, index):
         x = augment_batch(model.normalize_input(batch.to(device)), options["augment"], loop.generator)

@@ -95,7 +95,7 @@ class STFPMAE(STFPM):
 
     def reconstructions(self, x: torch.Tensor):
         """(teacher features, student features, reconstructed student features) per level."""
-        return self.reconstructions_from(self.teacher_levels(x, max(self.config.levels)), x)
+        return self.reconstructions_from(self.map_teacher_levels(x), x)
 
     def reconstructions_from(self, teacher: dict[int, torch.Tensor], x: torch.Tensor):
         s = self.student(x)
@@ -145,10 +145,9 @@ def fit_stfpm_ae(model: STFPMAE, images: np.ndarray, ctx: FitContext, options: d
                         frozen=("teacher.",))
     trainable = list(model.student.parameters()) + list(model.autoencoders.parameters())
 
-    deepest = max(model.config.levels)
     # no augmentation here: the frozen teacher's features are computed once, not in every step
-    teacher = FrozenFeatures(lambda x: model.teacher_levels(x, deepest), data, model.normalize_input,
-                             device, enabled=True)
+    teacher = FrozenFeatures(model.map_teacher_levels, data, model.normalize_input, device,
+                             enabled=True)
 
     def pretrain(batch, index):                  # AE pretraining on teacher features
         t = teacher(model.normalize_input(batch.to(device)), index)
