@@ -89,6 +89,35 @@ def test_deeper_efficientnets_tap_their_own_stage_ends():
     assert len(lite2.blocks) == 7                                   # up to the stride-8 end, block 6
 
 
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2"])
+def test_stride_1_convolutions_pad_inside_with_the_same_numbers(name):
+    """The library's ZeroPad2d before a stride-1 convolution becomes the convolution's own padding
+    (a tensor copy less); features and the gradients a student trains with (strides 4-16) stay
+    bit-identical; stride-2 convolutions keep their ZeroPad2d."""
+    import copy
+    net = FeaturePyramid(name, (4, 8, 16), weights="pretrained").train()
+    library = copy.deepcopy(net)                  # put the library's explicit padding back
+    restored = 0
+    for conv in library.modules():
+        if isinstance(getattr(conv, "static_padding", None), torch.nn.Identity) and conv.padding != (0, 0):
+            ph, pw = conv.padding
+            conv.static_padding, conv.padding = torch.nn.ZeroPad2d((pw, pw, ph, ph)), (0, 0)
+            restored += 1
+    assert restored >= 7                            # Lite0 up to stride 16: 7 of its 11 k×k convolutions
+    kept = [c for c in net.modules() if isinstance(getattr(c, "static_padding", None), torch.nn.ZeroPad2d)]
+    assert kept and all(tuple(c.stride) == (2, 2) for c in kept)
+    assert net.state_dict().keys() == library.state_dict().keys()     # bundles load either way
+    x = torch.rand(2, 3, 64, 96)
+    outputs = []
+    for model in (net, library):
+        feats = model(x)
+        sum(f.square().mean() for f in feats).backward()
+        outputs.append((feats, [p.grad for p in model.parameters()]))
+    (fa, ga), (fb, gb) = outputs
+    assert all(torch.equal(a, b) for a, b in zip(fa, fb))
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+
+
 def test_resnet_loads_a_torchvision_style_weights_file(tmp_path):
     from edgestad.methods.common import resnet
     net = resnet.resnet18()

@@ -117,6 +117,7 @@ class FeaturePyramid(nn.Module):
         self.blocks = nn.ModuleList(net._blocks[:last + 1])
         self._taps = {stage_end[s]: i for i, s in enumerate(self.strides)}
         self.kind = "efficientnet"
+        pad_inside_convolutions(self)
 
     # --- ResNet ------------------------------------------------------------------------------------
     def _build_resnet(self, name, weights):
@@ -166,6 +167,28 @@ class FeaturePyramid(nn.Module):
                 if self._taps[i] == wanted - 1:
                     break
         return out
+
+
+def pad_inside_convolutions(module: nn.Module) -> int:
+    """EfficientNet-Lite's TensorFlow "same" padding is a ``ZeroPad2d`` run before each
+    convolution (a copy of the tensor forward and backward). Before a stride-1 convolution with an
+    odd kernel it pads (k − 1)/2 on every side, which the convolution's own ``padding`` does without
+    the copy: the same features bit for bit, and the same gradients up to stride 16 (what a student
+    trains; tested), for about 6 % less training time on the CPU (docs/results/performance.md). Stride-2 ones pad one row and column more at the end than at the
+    start, which a convolution's symmetric padding cannot, and keep their ``ZeroPad2d``. Returns
+    how many convolutions changed."""
+    changed = 0
+    for conv in module.modules():
+        pad = getattr(conv, "static_padding", None)
+        if not isinstance(pad, nn.ZeroPad2d) or tuple(conv.stride) != (1, 1):
+            continue
+        kh, kw = conv.kernel_size
+        if kh % 2 == 0 or kw % 2 == 0 or tuple(pad.padding) != (kw // 2, kw // 2, kh // 2, kh // 2):
+            continue
+        conv.padding = (kh // 2, kw // 2)
+        conv.static_padding = nn.Identity()
+        changed += 1
+    return changed
 
 
 def load_state_dict_file(path: str | Path, what: str) -> dict:
