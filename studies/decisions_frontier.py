@@ -6,14 +6,15 @@ item 8). It reads what the runs wrote; it trains nothing:
     python studies/map_grid.py                              # Lite0: map_grid input and finest
     python studies/method_run.py --method stfpm --category C --tag lite1 \\
         --train-option=--backbone=efficientnet-lite1 --no-export          # (and lite2; each C)
+        # (tag lite1_default60: screw's Lite1 again at the 60-epoch default)
     edgestad bench runs/stfpm_screw_lite1 --backends ort-fp32 --batch 1 --batch 8 --threads 2 \\
         --peer efficientad-s --json studies/results/backbone_bench_lite1.json       # (and lite2)
-    python studies/method_run.py --method stfpm --category bottle --tag size384 \
+    python studies/method_run.py --method stfpm --category bottle --tag size384 \\
         --train-option=--input-size=384 --no-export                       # input size 384
     python studies/decisions_frontier.py
 
 The map_grid rows were trained at the default of their day (30 epochs, 10 % validation); the
-Lite1/Lite2 and size rows say their own epochs and validation images (the "trained" column), so
+Lite1/Lite2 and size rows say their own epochs and validation share (the "trained" column), so
 rows of different defaults are not read as one comparison.
 
 Writes studies/results/decisions_frontier.{json,md,png}.
@@ -56,7 +57,7 @@ MAP_GRID_TRAINED = "30 ep, 10 % val"        # studies/map_grid.py ran at the def
 
 
 def trained_as(run: dict) -> str:
-    """A method_run result's training: epochs and validation images."""
+    """A method_run result's training: epochs and validation share."""
     b = run["bundle"]
     share = b["images"]["validation"] / (b["images"]["validation"] + b["images"]["train"])
     return f"{b['training']['epochs']} ep, {round(100 * share)} % val"
