@@ -174,7 +174,7 @@ def pad_inside_convolutions(module: nn.Module) -> int:
     convolution (a copy of the tensor forward and backward). Before a stride-1 convolution with an
     odd kernel it pads (k − 1)/2 on every side, which the convolution's own ``padding`` does without
     the copy: the same features bit for bit, and the same gradients up to stride 16 (what a student
-    trains; tested), for about 6 % less training time on the CPU (docs/results/performance.md).
+    trains; tested), for about 7 % less training time on the CPU (docs/results/performance.md).
     Stride-2 ones pad one row and column more at the end than at the start, which a convolution's
     symmetric padding cannot, and keep their ``ZeroPad2d``. Returns how many convolutions changed."""
     changed = 0
