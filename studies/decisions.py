@@ -118,7 +118,7 @@ def _auroc(scores, labels) -> float:
 
 
 def analyse(cache: dict) -> dict:
-    from edgestad.methods.common.global_score import fit_gaussian, fused_scores, normalization_of
+    from edgestad.methods.common.global_score import fit_gaussian, fused_scores, mahalanobis, normalization_of
 
     labels = np.asarray(cache["labels"])
     types = list(cache["defect_types"])
@@ -128,13 +128,8 @@ def analyse(cache: dict) -> dict:
         val, test = 0.0, 0.0
         for s in levels:
             mean, precision, _ = fit_gaussian(cache["train_feats"][s])
-            for name in ("val", "test"):
-                d = cache[f"{name}_feats"][s] - mean
-                dist = np.sqrt(np.maximum((d @ precision * d).sum(1), 0))
-                if name == "val":
-                    val = val + dist
-                else:
-                    test = test + dist
+            val = val + mahalanobis(cache["val_feats"][s], mean, precision)
+            test = test + mahalanobis(cache["test_feats"][s], mean, precision)
         return val, test
 
     candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {}

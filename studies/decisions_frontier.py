@@ -27,6 +27,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "studies" / "results"
 CATEGORIES = ("bottle", "screw", "magnetic_tile")
+SPEED_KEYS = ("gflop", "peer_gflop", "fps@1", "peer_fps@1", "x_peer@1", "fps@8", "peer_fps@8", "x_peer@8")
+MAP_GRID_TRAINED = "30 ep, 10 % val"        # studies/map_grid.py ran at the default of its day
+# Lite0 at the current default (the 60-epoch step rule, 20 % validation, 4 px score margin), seed 0:
+# the trainings of docs/results/real-data.md "Training longer, and the frame's edge", judged by
+# studies/promise.py / studies/score_margin.py (no pixel AUROC or training time in those files)
+LITE0_DEFAULT = {"bottle": ("promise_bottle_default_s0.json", "bottle_new_s0", 60),
+                 "screw": ("score_margin_screw_s0.json", "screw_ep60_s0_m4", 60),
+                 "magnetic_tile": ("score_margin_mt.json", "mt_v20_s0_m4", 30)}
+# studies/method_run.py --tag T results (stfpm_<category>_<T>.json) that belong in the frontier
+RUN_TAGS = ("lite1", "lite2", "lite1_default60", "size384")
 
 
 def speed(bench: dict) -> dict:
@@ -50,10 +60,6 @@ def row(name: str, category: str, m: dict, d: dict, train_s, bench: dict | None,
             "defective_total": d["defective_total"], "good_ng": d["good_ng"], "good_total": d["good_total"],
             "promised_good_ng": d.get("promised_good_rejected"), "train_s": train_s,
             **(speed(bench) if bench else dict.fromkeys(SPEED_KEYS))}
-
-
-SPEED_KEYS = ("gflop", "peer_gflop", "fps@1", "peer_fps@1", "x_peer@1", "fps@8", "peer_fps@8", "x_peer@8")
-MAP_GRID_TRAINED = "30 ep, 10 % val"        # studies/map_grid.py ran at the default of its day
 
 
 def trained_as(run: dict) -> str:
@@ -96,16 +102,6 @@ def collect() -> list[dict]:
             rows.append(row(name, category, r["metrics"], r["metrics"]["decisions_at_bundle_threshold"],
                             r["steps"]["train"]["seconds"], bench, trained_as(r)))
     return rows
-
-
-# Lite0 at the current default (the 60-epoch step rule, 20 % validation, 4 px score margin), seed 0:
-# the trainings of docs/results/real-data.md "Training longer, and the frame's edge", judged by
-# studies/promise.py / studies/score_margin.py (no pixel AUROC or training time in those files)
-LITE0_DEFAULT = {"bottle": ("promise_bottle_default_s0.json", "bottle_new_s0", 60),
-                 "screw": ("score_margin_screw_s0.json", "screw_ep60_s0_m4", 60),
-                 "magnetic_tile": ("score_margin_mt.json", "mt_v20_s0_m4", 30)}
-# studies/method_run.py --tag T results (stfpm_<category>_<T>.json) that belong in the frontier
-RUN_TAGS = ("lite1", "lite2", "lite1_default60", "size384")
 
 
 def markdown(rows: list[dict]) -> str:

@@ -39,7 +39,8 @@ def study(bundle_dir: Path, category: str) -> dict:
     from edgestad.bundle import load_bundle
     from edgestad.datasets import bundle_split, load_images, load_test_set
     from edgestad.methods import load_model
-    from edgestad.methods.common.global_score import fit_gaussian, fused_scores, normalization_of, pooled
+    from edgestad.methods.common.global_score import (fit_gaussian, fused_scores, mahalanobis,
+                                                      normalization_of, pooled)
     from edgestad.thresholds import rank_threshold
 
     bundle = load_bundle(bundle_dir)
@@ -57,19 +58,22 @@ def study(bundle_dir: Path, category: str) -> dict:
 
     @torch.no_grad()
     def pooled_features(images, transform=FLIPS[0], map_scores=False):
+        """Pooled teacher features per global level (and the map score: one pass, as the graph)."""
         levels, maps = [[] for _ in config["global_levels"]], []
         for start in range(0, len(images), 8):
-            batch = transform(images[start:start + 8]).contiguous()
-            _, features = model.map_and_features(model.normalize_input(batch))
+            x = model.normalize_input(transform(images[start:start + 8]).contiguous())
+            if map_scores:
+                amap, features = model.map_and_features(x)
+                maps.append(model.finish(amap, None)[1].numpy())
+            else:                                  # training images: the teacher alone
+                teacher = model.teacher_levels(x)
+                features = [teacher[s] for s in config["global_levels"]]
             for i, f in enumerate(features):
                 levels[i].append(pooled(f.float(), None).numpy())
-            if map_scores:
-                maps.append(model.scores(batch)[1].numpy())
         return [np.concatenate(v) for v in levels], (np.concatenate(maps) if map_scores else None)
 
     def global_scores(features, gaussians):
-        return sum(np.sqrt(np.clip(np.einsum("nc,cd,nd->n", f - mean, precision, f - mean), 0, None))
-                   for f, (mean, precision) in zip(features, gaussians))
+        return sum(mahalanobis(f, mean, precision) for f, (mean, precision) in zip(features, gaussians))
 
     val_features, val_map = pooled_features(val, map_scores=True)
     test_features, test_map = pooled_features(test, map_scores=True)

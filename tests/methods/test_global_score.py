@@ -10,7 +10,7 @@ pytest.importorskip("sklearn")
 
 from edgestad.methods import build_model, get_method  # noqa: E402
 from edgestad.methods.common.global_score import (ScoreFusion, fit_global_branch,  # noqa: E402
-                                                  fused_scores, normalization_of, pooled)
+                                                  fused_scores, mahalanobis, normalization_of, pooled)
 
 SIZE = (64, 64)
 
@@ -42,6 +42,13 @@ def test_global_score_is_the_ledoit_wolf_mahalanobis_distance_in_float64():
         d = test_teacher[stride].double().mean(dim=(2, 3)).numpy() - lw.location_
         expected += np.sqrt((d @ lw.precision_ * d).sum(1))
     np.testing.assert_allclose(got.numpy(), expected, rtol=2e-3)
+    # the studies' numpy twin of the graph's distance, on the graph's own fitted buffers
+    gaussian = model.global_gaussian
+    twin = sum(mahalanobis(test_teacher[stride].double().mean(dim=(2, 3)).numpy(),
+                           getattr(gaussian, f"mean{i}").double().numpy(),
+                           getattr(gaussian, f"precision{i}").double().numpy())
+               for i, stride in enumerate((16, 32)))
+    np.testing.assert_allclose(twin, got.numpy(), rtol=1e-4)
 
 
 def test_fusion_normalises_each_score_on_validation_goods():

@@ -106,6 +106,13 @@ def fused_scores(map_scores, global_scores, norm, rule: str) -> np.ndarray:
     return a + b if rule == "sum" else np.maximum(a, b)
 
 
+def mahalanobis(pooled_features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """The graph's GlobalGaussian distance of one level in numpy (float64): N×C pooled features
+    → N distances (the studies fit and compare Gaussians with it)."""
+    d = np.asarray(pooled_features, dtype=np.float64) - mean
+    return np.sqrt(np.maximum((d @ precision * d).sum(1), 0))
+
+
 def fit_gaussian(pooled_features: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """(mean, precision, shrinkage) of N×C pooled features: Ledoit–Wolf (scikit-learn)."""
     from sklearn.covariance import LedoitWolf
