@@ -222,10 +222,18 @@ def test_page_lamp_gallery_and_a_leads_threshold_change(station, tmp_path):
     assert station.pipe.review_count > 0
 
 
+def shifts_away_from_now(hours=(4, 12, 20)) -> str:
+    """Three shift start times (local, HH:MM) these many hours from now, so that no shift changes
+    while a test runs (fixed times made the shift counter restart when CI ran across 06:00)."""
+    import datetime
+    now = datetime.datetime.now()
+    return ",".join((now + datetime.timedelta(hours=h)).strftime("%H:%M") for h in hours)
+
+
 @needs_chromium
 def test_counters_on_the_page_equal_the_events_log_after_1000_frames(tmp_path):
     folder = write_folder(tmp_path / "frames", 1000, spot_every=7)
-    st = Station(tmp_path / "run", folder=folder, shifts="06:00,14:00,22:00")
+    st = Station(tmp_path / "run", folder=folder, shifts=shifts_away_from_now())
     driver = None
     try:
         st.thread.join(120)
