@@ -9,8 +9,8 @@ item 8). It reads what the runs wrote; it trains nothing:
         # (tag lite1_default60: screw's Lite1 again at the 60-epoch default)
     edgestad bench runs/stfpm_screw_lite1 --backends ort-fp32 --batch 1 --batch 8 --threads 2 \\
         --peer efficientad-s --json studies/results/backbone_bench_lite1.json       # (and lite2)
-    python studies/method_run.py --method stfpm --category bottle --tag size384 \\
-        --train-option=--input-size=384 --no-export                       # input size 384
+    python studies/method_run.py --method stfpm --category C --tag size384 \\
+        --train-option=--input-size=384 --no-export        # input size 384 (bottle, magnetic_tile)
     python studies/decisions_frontier.py
 
 The map_grid rows were trained at the default of their day (30 epochs, 10 % validation); the
